@@ -1,0 +1,492 @@
+"""Training: ``train_fold(cfg, fold, run_dir, ...)`` trains one fold; ``train_command`` loops.
+
+A fold directory ``<run_dir>/fold<k>/`` holds ``last.pt`` (resumable: model, optimizer,
+scaler, LR state, epoch, RNG), ``best.pt`` (weights of the best validation metric),
+``log.csv`` (one row per epoch), ``oof.npz`` (validation-id probabilities with flip TTA,
+float16, 101x101) and ``done.json`` (written last: the fold is complete; ``last.pt`` is then
+removed, as it only serves to resume an unfinished fold).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tgs_salt import config as C
+from tgs_salt import paths
+from tgs_salt.distributed import DistContext, all_any, all_gather_objects, barrier, init_distributed, shutdown
+from tgs_salt.errors import UserError
+from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
+from tgs_salt.losses import get_loss
+from tgs_salt.metric import per_image_scores
+from tgs_salt.transforms import AugmentedArrays, Geometry, InputBuilder, build_augment, hflip_tta
+
+log = logging.getLogger(__name__)
+LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
+              "best_metric", "seconds", "images_per_s"]
+
+
+class TrainingError(UserError):
+    """Training cannot go on (NaN loss, ...); the last good checkpoint stays."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return Path(run_dir) / f"fold{fold}"
+
+
+def is_done(run_dir: Path, fold: int) -> bool:
+    return (fold_dir(run_dir, fold) / "done.json").exists()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def amp_context(device: torch.device, cfg: dict):
+    t = cfg["train"]
+    if not t["amp"]:
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if (device.type == "cuda" and t["amp_dtype"] == "float16") else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class LRController:
+    """Per-iteration learning rate over loss stages (cosine / constant / plateau, warm-up)."""
+
+    def __init__(self, cfg: dict):
+        self.t = cfg["train"]
+        self.stages = self.t["stages"]
+        self.starts = np.cumsum([0] + [s["epochs"] for s in self.stages]).tolist()
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def stage_of(self, epoch: int) -> int:
+        for i in range(len(self.stages)):
+            if epoch < self.starts[i + 1]:
+                return i
+        return len(self.stages) - 1
+
+    def lr(self, epoch: int, frac: float) -> float:
+        s = self.stage_of(epoch)
+        base = self.stages[s].get("lr", self.t["lr"])
+        pos = epoch + frac
+        if s == 0 and pos < self.t["warmup_epochs"]:
+            return base * (0.1 + 0.9 * pos / self.t["warmup_epochs"])
+        if self.t["schedule"] == "constant":
+            return base
+        if self.t["schedule"] == "plateau":
+            return base * self.scale
+        p = (pos - self.starts[s]) / self.stages[s]["epochs"]
+        lo = base * self.t["min_lr_ratio"]
+        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+
+    def new_stage(self) -> None:
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def observe(self, metric: float) -> None:
+        if self.t["schedule"] != "plateau":
+            return
+        if metric > self.best + 1e-4:
+            self.best, self.bad = metric, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.t["plateau_patience"]:
+                self.scale *= self.t["plateau_factor"]
+                self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scale, self.best, self.bad = d["scale"], d["best"], d["bad"]
+
+
+def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
+                               nesterov=True)
+    cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, force: bool) -> None:
+    """Write (or check) the resolved config and the run's facts; refuse silent changes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    text = C.dump(cfg)
+    if cfg_path.exists() and cfg_path.read_text() != text:
+        if not force:
+            raise UserError(f"{cfg_path} holds a different config than the one given; use another --run-dir, "
+                            "or --force to retrain with the new one")
+    folds_sha = hashlib.sha1(fold_file.read_bytes()).hexdigest()
+    facts_path = run_dir / "run.json"
+    if facts_path.exists() and not force:
+        old = json.loads(facts_path.read_text())
+        if old.get("folds_sha1") != folds_sha:
+            raise UserError(f"fold file {fold_file} changed since {run_dir} was trained; retrain with --force "
+                            "or use another --run-dir")
+    write_text_atomic(cfg_path, text)
+    write_json_atomic(facts_path, {"fold_file": str(fold_file), "folds_sha1": folds_sha,
+                                   "data_dir": str(Path(data_dir).resolve()), "git_commit": git_commit(),
+                                   "torch": torch.__version__})
+
+
+def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
+    from tgs_salt.data.folds import default_name, fold_path, make_folds
+
+    f = cfg["folds"]
+    if f["file"]:
+        path = fold_path(f["file"])
+        if not path.exists():
+            raise UserError(f"fold file {path} (folds.file in the config) does not exist")
+        return path
+    path = fold_path(default_name(data_dir, f["k"], f["seed"]))
+    if not path.exists() and is_main:
+        make_folds(data_dir, k=f["k"], seed=f["seed"])
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device, cfg: dict,
+                  tta: bool, batch_size: int) -> np.ndarray:
+    """Probabilities (N, 101, 101) float32 for uint8 images, in batches."""
+    model.eval()
+    geo = builder.geo
+    out = np.empty((len(images), 101, 101), dtype=np.float32)
+    mf = torch.channels_last if cfg["train"]["channels_last"] else torch.contiguous_format
+
+    def forward(x):
+        with amp_context(device, cfg):
+            return model(x)
+
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            x = builder(torch.from_numpy(images[s:s + batch_size]).to(device),
+                        torch.from_numpy(depths[s:s + batch_size]).to(device))
+            x = x.contiguous(memory_format=mf)
+            p = hflip_tta(forward, x, tta=tta)
+            out[s:s + batch_size] = geo.to_101(geo.crop(p)).squeeze(1).float().cpu().numpy()
+    return out
+
+
+def evaluate(model, builder, data, idx, device, cfg, loss_fn, ctx: DistContext, tta: bool = False):
+    """Validation loss, competition metric at the default threshold and pixel IoU, over all ranks."""
+    mine = idx[ctx.rank::ctx.world]
+    probs = predict_probs(model, builder, data.images[mine], data.depths[mine], device, cfg, tta,
+                          cfg["train"]["val_batch_size"])
+    # loss on logits recovered from the probabilities at 101x101 (cheap, consistent across geometries)
+    p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
+    logits = torch.log(p) - torch.log1p(-p)
+    target = torch.from_numpy(data.masks[mine]).float()
+    loss_sum = float(loss_fn(logits.unsqueeze(1), target.unsqueeze(1))) * len(mine) if len(mine) else 0.0
+    parts = all_gather_objects((mine, probs.astype(np.float16), loss_sum), ctx)
+    order = np.concatenate([q[0] for q in parts])
+    all_probs = np.concatenate([q[1] for q in parts])
+    sort = np.argsort(order, kind="stable")
+    order, all_probs = order[sort], all_probs[sort]
+    val_loss = sum(q[2] for q in parts) / max(len(order), 1)
+    th = cfg["postprocess"]["default_threshold"]
+    pred = all_probs > th
+    truth = data.masks[order]
+    metric = float(per_image_scores(pred, truth).mean())
+    inter, union = np.logical_and(pred, truth).sum(), np.logical_or(pred, truth).sum()
+    iou = float(inter / union) if union else 1.0
+    return val_loss, metric, iou, order, all_probs
+
+
+# ----------------------------------------------------------------------------- one fold
+
+def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
+               resume: bool = False, workers: int = 0, stop_after: int | None = None,
+               ctx: DistContext | None = None) -> dict:
+    """Train one fold; returns the contents of its done.json."""
+    ctx = ctx or DistContext()
+    t = cfg["train"]
+    fdir = fold_dir(run_dir, fold)
+    last_path, best_path, log_path = fdir / "last.pt", fdir / "best.pt", fdir / "log.csv"
+    if ctx.is_main:
+        fdir.mkdir(parents=True, exist_ok=True)
+    if last_path.exists() and not resume:
+        raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
+
+    train_idx = np.flatnonzero(folds != fold)
+    val_idx = np.flatnonzero(folds == fold)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
+
+    seed = int(t["seed"]) + 1000 * fold
+    torch.manual_seed(seed)
+    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+    builder = InputBuilder(cfg["input"]["channels"], geo)
+    from tgs_salt.models import build_model
+
+    model = build_model(cfg["model"], builder.n_channels)
+    if ctx.enabled and t["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    mf = torch.channels_last if t["channels_last"] else torch.contiguous_format
+    model = model.to(device=device, memory_format=mf)
+    optimizer = make_optimizer(model.parameters(), t)
+    scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and t["amp"]
+                                                   and t["amp_dtype"] == "float16"))
+    lrc = LRController(cfg)
+    n_epochs = C.total_epochs(cfg)
+    start_epoch, best_metric, best_epoch, since_best, log_rows = 0, -1.0, -1, 0, []
+
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        lrc.load_state_dict(ck["lr_state"])
+        start_epoch, best_metric, best_epoch = ck["epoch"], ck["best_metric"], ck["best_epoch"]
+        since_best = ck["since_best"]
+        torch.set_rng_state(ck["rng_torch"])
+        log_rows = [r for r in _read_log(log_path) if int(r["epoch"]) < start_epoch]
+        if ctx.is_main:
+            log.info("fold %d: resuming at epoch %d (best %.4f at epoch %d)", fold, start_epoch, best_metric,
+                     best_epoch)
+
+    fwd_model = model
+    if ctx.enabled:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        fwd_model = torch.compile(fwd_model)
+
+    augment = build_augment(cfg["augment"])
+    ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx], augment, seed)
+    if t["batch_size"] % ctx.world:
+        raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {ctx.world} processes")
+    per_rank = min(t["batch_size"] // ctx.world, len(train_idx) // ctx.world)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                                         drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    n_batches = len(loader) if t["max_train_batches"] is None else min(len(loader), t["max_train_batches"])
+
+    epoch = start_epoch
+    t_fold = time.time()
+    while epoch < n_epochs:
+        stage = lrc.stage_of(epoch)
+        loss_name = t["stages"][stage]["loss"]
+        loss_fn = get_loss(loss_name)
+        sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        model.train()
+        t0, loss_sum, seen = time.time(), 0.0, 0
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc=f"fold {fold} epoch {epoch + 1}/{n_epochs} {loss_name}",
+                   disable=None if ctx.is_main else True, leave=False)
+        for b, (img, mask, depth) in enumerate(loader):
+            if b >= n_batches:
+                break
+            lr = lrc.lr(epoch, b / n_batches)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            img, mask, depth = img.to(device, non_blocking=True), mask.to(device, non_blocking=True), \
+                depth.to(device, non_blocking=True)
+            x = builder(img, depth).contiguous(memory_format=mf)
+            y = builder.target(mask)
+            with amp_context(device, cfg):
+                out = fwd_model(x)
+            loss = loss_fn(geo.crop(out).float(), y)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingError(f"fold {fold}: loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
+                                    f"({loss_name}, lr {lr:.2e}); training stopped, the last good checkpoint "
+                                    f"{last_path} stays. Lower train.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * len(img)
+            seen += len(img)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.1e}")
+            bar.update()
+        bar.close()
+        train_seconds = time.time() - t0
+        val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, loss_fn, ctx)
+        improved = metric > best_metric
+        if improved:
+            best_metric, best_epoch, since_best = metric, epoch, 0
+        else:
+            since_best += 1
+        lrc.observe(metric)
+        row = {"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
+               "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
+               "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}", "best_metric": f"{best_metric:.5f}",
+               "seconds": f"{time.time() - t0:.1f}",
+               "images_per_s": f"{seen * ctx.world / max(train_seconds, 1e-9):.1f}"}
+        log_rows.append(row)
+        next_epoch = epoch + 1
+        es = t["early_stopping"]
+        if es and since_best >= es and next_epoch < lrc.starts[stage + 1]:
+            if ctx.is_main:
+                log.info("fold %d: no gain for %d epochs, ending stage %d early", fold, es, stage)
+            next_epoch = lrc.starts[stage + 1]
+        if lrc.stage_of(next_epoch) != stage and next_epoch < n_epochs:
+            lrc.new_stage()
+            since_best = 0
+        if ctx.is_main:
+            if improved:
+                save_checkpoint({"model": model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
+                                 "metric": metric}, best_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "lr_state": lrc.state_dict(), "epoch": next_epoch,
+                             "best_metric": best_metric, "best_epoch": best_epoch, "since_best": since_best,
+                             "rng_torch": torch.get_rng_state(), "config": cfg, "fold": fold}, last_path)
+            _write_log(log_path, log_rows)
+            log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs",
+                     fold, epoch + 1, n_epochs, loss_name, loss_sum / max(seen, 1), val_loss, metric, iou,
+                     best_metric, time.time() - t0)
+        barrier(ctx)
+        epoch = next_epoch
+        if stop_after is not None and epoch >= stop_after and epoch < n_epochs:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
+
+    # out-of-fold probabilities from the best weights, with flip TTA
+    best = load_checkpoint(best_path) if best_path.exists() else None
+    if best is None:
+        barrier(ctx)
+        best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    tta = cfg["predict"]["tta"]
+    _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg,
+                                              get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
+    done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
+            "epochs_run": len(log_rows), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+            "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world}
+    if ctx.is_main:
+        with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16))
+        write_json_atomic(fdir / "done.json", done)
+        last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
+        log.info("fold %d done: best metric %.4f (epoch %d), OOF with TTA %.4f", fold, best_metric,
+                 best_epoch + 1, metric_tta)
+    barrier(ctx)
+    return done
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- command
+
+def parse_folds(arg_fold, arg_folds, cfg) -> list[int]:
+    k = cfg["folds"]["k"]
+    if arg_fold is not None:
+        folds = [arg_fold]
+    elif arg_folds:
+        try:
+            folds = [int(x) for x in str(arg_folds).split(",") if x.strip() != ""]
+        except ValueError:
+            raise UserError(f"--folds {arg_folds!r}: expected comma-separated integers like 0,1,2") from None
+    elif cfg["folds"]["train_folds"] is not None:
+        folds = list(cfg["folds"]["train_folds"])
+    else:
+        folds = list(range(k))
+    bad = [f for f in folds if not 0 <= f < k]
+    if bad:
+        raise UserError(f"fold {bad[0]} is out of range: this config has folds 0..{k - 1}")
+    return folds
+
+
+def train_command(args) -> int:
+    from tgs_salt.data import load_train
+    from tgs_salt.data.folds import folds_for
+
+    cfg = C.load_config(args.config, args.set)
+    device = resolve_device(args.device)
+    ctx = init_distributed(device.type)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif ctx.enabled and device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+        data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
+        run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
+        folds_to_train = parse_folds(args.fold, args.folds, cfg)
+        data = load_train(data_dir)
+        fold_file = resolve_fold_file(cfg, data_dir, ctx.is_main)
+        barrier(ctx)
+        folds = folds_for(data.ids, fold_file)
+        if ctx.is_main:
+            prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
+        barrier(ctx)
+        for fold in folds_to_train:
+            fdir = fold_dir(run_dir, fold)
+            if is_done(run_dir, fold) and not args.force:
+                if ctx.is_main:
+                    log.info("fold %d is complete in %s: skipped (--force retrains)", fold, fdir)
+                continue
+            if args.force and ctx.is_main:
+                for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
+                    (fdir / f).unlink(missing_ok=True)
+            barrier(ctx)
+            train_fold(cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
+                       workers=args.workers, ctx=ctx)
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(run_dir)
+    return 0

@@ -1,0 +1,104 @@
+import pytest
+import torch
+import yaml
+
+from tgs_salt import config as C
+from tgs_salt.errors import UserError
+from tgs_salt.losses import LOSSES, bce, dice, get_loss, lovasz_hinge, lovasz_symmetric
+from tgs_salt.models import build_model
+
+
+def write_cfg(tmp_path, body: dict):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def test_shipped_configs_load():
+    for name in ("competition", "cpu_budget", "demo"):
+        cfg = C.load_config(name)
+        assert cfg["name"] == name
+        assert cfg["augment"]["vflip"] == 0.0
+        assert "depth" in cfg["input"]["channels"]
+
+
+def test_unknown_key_lists_allowed(tmp_path):
+    with pytest.raises(UserError) as e:
+        C.load_config(str(write_cfg(tmp_path, {"train": {"epochz": 3}})))
+    assert "epochz" in str(e.value) and "batch_size" in str(e.value)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"model": {"arch": "Unett"}}, "plain_unet"),
+    ({"model": {"encoder": "resnet35"}}, "resnet34"),
+    ({"model": {"encoder_weights": "/no/such/file.pth"}}, "null"),
+    ({"train": {"stages": [{"loss": "nope", "epochs": 1}]}}, "lovasz"),
+    ({"train": {"stages": [{"loss": "bce", "epochs": 0}]}}, "positive"),
+    ({"train": {"optimizer": "lion"}}, "adamw"),
+    ({"input": {"channels": ["image", "colour"]}}, "image_x_row"),
+    ({"input": {"pad_to": 100}}, "multiple of 32"),
+    ({"augment": {"hflip": 2}}, "probability"),
+])
+def test_bad_values_name_the_choices(tmp_path, body, needle):
+    with pytest.raises(UserError) as e:
+        C.load_config(str(write_cfg(tmp_path, body)))
+    assert needle in str(e.value)
+
+
+def test_overrides_and_unknown_config_name():
+    cfg = C.load_config("demo", ["train.batch_size=8", "model.encoder_weights=null"])
+    assert cfg["train"]["batch_size"] == 8 and cfg["model"]["encoder_weights"] is None
+    with pytest.raises(UserError) as e:
+        C.load_config("nope")
+    assert "cpu_budget" in str(e.value)
+    with pytest.raises(UserError):
+        C.load_config("demo", ["train.batch_size"])
+
+
+@pytest.mark.parametrize("arch", ["plain_unet", "plain_unet_strided", "fcn"])
+def test_plain_baselines_shapes(arch):
+    m = build_model({"arch": arch, "base_channels": 8, "encoder": "resnet34", "encoder_weights": None,
+                     "decoder_attention": None, "decoder_channels": [256, 128, 64, 32, 16]}, 3)
+    assert m(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 128, 128)
+
+
+def test_smp_unet_with_scse_and_local_weights(tmp_path):
+    with pytest.raises(UserError) as e:
+        C.load_config("demo", ["model.decoder_attention=scse"])   # demo's narrow decoder has 8 channels
+    assert ">= 16" in str(e.value)
+    cfg = C.load_config("demo", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]"])["model"]
+    m = build_model(cfg, 3)
+    assert m(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 128, 128)
+    # a local encoder weights file (as a user without internet would give) is loaded
+    w = tmp_path / "enc.pth"
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in m.encoder.state_dict().items()}
+    torch.save(state, w)
+    m2 = build_model(dict(cfg, encoder_weights=str(w)), 4)
+    assert m2.encoder.layer1[0].conv1.weight.flatten()[0].item() == 0.5
+    assert m2(torch.zeros(1, 4, 128, 128)).shape == (1, 1, 128, 128)
+    bad = tmp_path / "bad.pth"
+    torch.save({"x": torch.zeros(3)}, bad)
+    with pytest.raises(UserError) as e:
+        build_model(dict(cfg, encoder_weights=str(bad)), 3)
+    assert "match only" in str(e.value)
+
+
+def test_losses_known_values():
+    y = torch.zeros(2, 1, 8, 8)
+    y[0, :, :4] = 1
+    perfect = (y * 2 - 1) * 20
+    assert bce(perfect, y) < 1e-6
+    assert dice(perfect, y) < 0.35  # the empty image's soft Dice is smoothed, not undefined
+    assert lovasz_hinge(perfect, y) < 1e-3
+    assert lovasz_symmetric(perfect, y) < 1e-3
+    wrong = -perfect
+    assert lovasz_hinge(wrong, y) > 1 and bce(wrong, y) > 1
+    for fn in LOSSES.values():
+        x = torch.randn(2, 1, 8, 8, requires_grad=True)
+        loss = fn(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    with pytest.raises(UserError) as e:
+        get_loss("focal")
+    assert "lovasz" in str(e.value)

@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_cli
+from helpers import tiny_config
+from tgs_salt import config as C
+from tgs_salt import losses
+from tgs_salt.data import load_train
+from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
+from tgs_salt.errors import UserError
+from tgs_salt.train import TrainingError, train_fold
+
+
+# ----------------------------------------------------------------------------- folds
+
+def test_folds_are_stratified_and_deterministic():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((500, 101, 101), bool)
+    for i in range(500):
+        if i % 5:
+            masks[i, : rng.integers(1, 101)] = True
+    ids = np.array([f"id{i}" for i in range(500)])
+    a = assign_folds(ids, masks, 5, seed=3)
+    assert np.array_equal(a, assign_folds(ids, masks, 5, seed=3))
+    assert not np.array_equal(a, assign_folds(ids, masks, 5, seed=4))
+    cls = coverage_class(masks)
+    for f in range(5):
+        assert (a == f).sum() == 100
+        assert abs((cls[a == f] == 0).mean() - 0.2) < 0.02
+
+
+def test_folds_file_protected(synth_dir, tmp_path):
+    p = make_folds(synth_dir, k=3, seed=1, name=str(tmp_path / "f.csv"))
+    before = p.read_text()
+    assert make_folds(synth_dir, k=3, seed=1, name=str(tmp_path / "f.csv")) == p  # same: no-op
+    with pytest.raises(UserError) as e:
+        make_folds(synth_dir, k=3, seed=2, name=str(tmp_path / "f.csv"))
+    assert "--force" in str(e.value) and p.read_text() == before
+    make_folds(synth_dir, k=3, seed=2, name=str(tmp_path / "f.csv"), force=True)
+    assert p.read_text() != before
+    df = pd.read_csv(p)
+    assert list(df.columns) == ["id", "fold"] and sorted(df.fold.unique()) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_dir):
+    """A tiny 2-fold run through the CLI, shared by several tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp)
+    run_dir = tmp / "run"
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir, "--threads", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg, run_dir
+
+
+def test_train_writes_everything(trained, synth_dir):
+    cfg_path, run_dir = trained
+    assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "run.json").read_text())["folds_sha1"]
+    data = load_train(synth_dir)
+    seen = []
+    for k in (0, 1):
+        fd = run_dir / f"fold{k}"
+        for f in ("best.pt", "log.csv", "oof.npz", "done.json"):
+            assert (fd / f).exists(), f
+        assert not (fd / "last.pt").exists()  # removed once the fold is complete
+        log = pd.read_csv(fd / "log.csv")
+        assert list(log.epoch) == [0, 1, 2] and list(log.loss_name) == ["bce_dice", "bce_dice", "lovasz"]
+        assert log.val_metric.between(0, 1).all() and np.isfinite(log.train_loss).all()
+        with np.load(fd / "oof.npz") as z:
+            assert z["probs"].dtype == np.float16 and z["probs"].shape[1:] == (101, 101)
+            assert 0 <= z["probs"].min() and z["probs"].max() <= 1
+            seen += list(z["ids"])
+        ck = torch.load(fd / "best.pt", weights_only=True)
+        assert set(ck) >= {"model", "config", "fold", "epoch", "metric"}
+    assert len(seen) == len(set(seen)) and set(seen) < set(data.ids)   # folds 0 and 1 of 3
+
+
+def test_completed_folds_are_skipped(trained, synth_dir):
+    cfg_path, run_dir = trained
+    stamp = (run_dir / "fold0" / "best.pt").stat().st_mtime_ns
+    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0")
+    assert r.returncode == 0 and "skipped" in r.stderr
+    assert (run_dir / "fold0" / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_changed_config_refused(trained, synth_dir, tmp_path):
+    cfg_path, run_dir = trained
+    other = tiny_config(tmp_path, train={"batch_size": 4})
+    r = run_cli("train", "--config", other, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0")
+    assert r.returncode != 0 and "different config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fold_out_of_range(trained, synth_dir):
+    cfg_path, run_dir = trained
+    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "7")
+    assert r.returncode != 0 and "out of range" in r.stderr and "Traceback" not in r.stderr
+
+
+def _setup(tmp_path, synth_dir, **sections):
+    cfg = C.load_config(str(tiny_config(tmp_path, **sections)))
+    data = load_train(synth_dir)
+    folds = assign_folds(data.ids, data.masks, 3, 1)
+    return cfg, data, folds
+
+
+def test_resume_gives_the_same_weights(tmp_path, synth_dir):
+    torch.set_num_threads(1)
+    cfg, data, folds = _setup(tmp_path, synth_dir)
+    a = tmp_path / "a"
+    train_fold(cfg, 0, a, data, folds, device=torch.device("cpu"))
+    b = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"), stop_after=1)
+    assert (b / "fold0" / "last.pt").exists() and not (b / "fold0" / "done.json").exists()
+    with pytest.raises(UserError) as e:  # an unfinished fold is not silently restarted
+        train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"))
+    assert "--resume" in str(e.value)
+    train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"), resume=True)
+    wa = torch.load(a / "fold0" / "best.pt", weights_only=True)
+    wb = torch.load(b / "fold0" / "best.pt", weights_only=True)
+    assert wa["epoch"] == wb["epoch"]
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    la = pd.read_csv(a / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
+    lb = pd.read_csv(b / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
+    pd.testing.assert_frame_equal(la, lb)
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, synth_dir, monkeypatch):
+    cfg, data, folds = _setup(tmp_path, synth_dir, train={
+        "batch_size": 8, "stages": [{"loss": "bce", "epochs": 1}, {"loss": "dice", "epochs": 1}]})
+    monkeypatch.setitem(losses.LOSSES, "dice", lambda x, y: (x * float("nan")).mean())
+    with pytest.raises(TrainingError) as e:
+        train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert "nan" in str(e.value) and "epoch 2" in str(e.value)
+    ck = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- CV report
+
+def test_cv_report(trained, synth_dir):
+    cfg_path, run_dir = trained
+    r = run_cli("cv", "--run-dir", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((run_dir / "cv.json").read_text())
+    assert out["score"] >= out["score_default_threshold"] - 1e-9   # tuning never hurts on OOF
+    assert 0 <= out["score"] <= 1 and set(out["per_fold"]) == {"0", "1"}
+    assert len(out["per_coverage"]) == 11 and sum(b["n"] for b in out["per_coverage"]) == out["n_images"]
+    assert "CV score:" in r.stdout
+    for png in ("score_vs_threshold", "score_by_coverage", "pixel_pr_curve", "training_curves",
+                "worst_predictions"):
+        assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+def test_cv_errors(trained, tmp_path, synth_dir):
+    import shutil
+
+    cfg_path, run_dir = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "fold1" / "oof.npz").unlink()
+    r = run_cli("cv", "--run-dir", broken)
+    assert r.returncode != 0 and "fold 1" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("cv", "--run-dir", tmp_path / "nothing")
+    assert r.returncode != 0 and "not a training run" in r.stderr
+    # a fold file that doesn't match the data
+    facts = json.loads((run_dir / "run.json").read_text())
+    bad_folds = tmp_path / "folds.csv"
+    pd.read_csv(facts["fold_file"]).iloc[5:].to_csv(bad_folds, index=False)
+    facts["fold_file"] = str(bad_folds)
+    shutil.copytree(run_dir, tmp_path / "b2")
+    (tmp_path / "b2" / "run.json").write_text(json.dumps(facts))
+    r = run_cli("cv", "--run-dir", tmp_path / "b2")
+    assert r.returncode != 0 and "does not match the data" in r.stderr
