@@ -1,0 +1,201 @@
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from helpers import tiny_config
+from tgs_salt.errors import UserError
+from tgs_salt.postprocess import PostProcess, apply, is_blank
+from tgs_salt.predict import predict_test
+from tgs_salt.submission import validate_submission
+from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
+
+
+def test_tta_equivariant_model_unchanged():
+    x = torch.randn(2, 3, 16, 16)
+
+    def pixelwise(inp):
+        return inp[:, :1] * 1.7 - inp[:, 1:2]
+
+    np.testing.assert_allclose(hflip_tta(pixelwise, x, tta=True), hflip_tta(pixelwise, x, tta=False), atol=1e-6)
+
+
+def test_tta_flips_back():
+    x = torch.randn(1, 1, 8, 8)
+
+    def shift_right(inp):
+        return torch.roll(inp, 1, dims=-1)
+
+    got = hflip_tta(shift_right, x, tta=True)
+    right = torch.sigmoid(torch.roll(x, 1, dims=-1))
+    left = torch.sigmoid(torch.roll(x, -1, dims=-1))
+    torch.testing.assert_close(got, 0.5 * (right + left))
+    assert not torch.allclose(got, right)
+
+
+def test_pad_crop_contract_with_tta():
+    """A pixelwise model through the real input builder: TTA changes nothing, the 101x101 image comes back."""
+    for resize, pad in ((101, 128), (202, 256)):
+        builder = InputBuilder(["image", "depth", "row"], Geometry(resize, pad))
+        img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 101, 101), dtype=np.uint8))
+        x = builder(img, torch.tensor([100.0, 500.0]))
+        assert x.shape == (2, 3, pad, pad)
+
+        def model(inp):
+            return inp[:, :1] * 3.0
+
+        with_tta = builder.geo.output_to_101(hflip_tta(model, x, True))
+        without = builder.geo.output_to_101(hflip_tta(model, x, False))
+        assert with_tta.shape == (2, 1, 101, 101)
+        torch.testing.assert_close(with_tta, without)
+        if resize == 101:  # exact crop: recovers the normalised image
+            expected = torch.sigmoid(3.0 * builder(img, torch.zeros(2))[:, :1, 13:114, 13:114])
+            torch.testing.assert_close(with_tta, expected)
+
+
+class ConstModel:
+    def __init__(self, value):
+        self.value = value
+
+    def probs(self, images, depths, tta=True):
+        return torch.full((len(images), 101, 101), float(self.value))
+
+
+def test_ensemble_averaging_weights_runs_and_folds():
+    images = np.zeros((5, 101, 101), np.uint8)
+    depths = np.zeros(5, np.float32)
+    ens = [([ConstModel(0.2), ConstModel(0.4)], None), ([ConstModel(0.9)], None)]
+    out = predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=2)
+    assert out.dtype == np.float16 and out.shape == (5, 101, 101)
+    np.testing.assert_allclose(out, 0.5 * 0.3 + 0.5 * 0.9, atol=1e-3)
+    out = predict_test(ens, np.array([0.75, 0.25]), images, depths, torch.device("cpu"), batch_size=3)
+    np.testing.assert_allclose(out, 0.75 * 0.3 + 0.25 * 0.9, atol=1e-3)
+
+
+def test_postprocess_threshold_min_area_and_blank_images():
+    probs = np.zeros((3, 101, 101), np.float32)
+    probs[0, :10, :10] = 0.8     # 100 px
+    probs[1, :3, :3] = 0.8       # 9 px: below min area
+    probs[2, :50] = 0.8          # blank image: emptied whatever the model says
+    images = np.random.default_rng(0).integers(0, 255, (3, 101, 101)).astype(np.uint8)
+    images[2] = 97
+    assert is_blank(images).tolist() == [False, False, True]
+    m = apply(probs, PostProcess(0.5, 20), images)
+    assert m[0].sum() == 100 and m[1].sum() == 0 and m[2].sum() == 0
+    assert apply(probs, PostProcess(0.85, 0)).sum() == 0
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, synth_dir):
+    tmp = tmp_path_factory.mktemp("pred")
+    cfg = tiny_config(tmp, train={"stages": [{"loss": "bce_dice", "epochs": 1}]})
+    run_dir = tmp / "run"
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sub = tmp / "sub.csv"
+    r = run_cli("predict", "--run-dir", run_dir, "--data-dir", synth_dir, "--out", sub)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run_dir, sub, r
+
+
+def test_predict_writes_a_valid_submission(predicted, synth_dir):
+    run_dir, sub, r = predicted
+    assert r.stdout.strip().splitlines()[-1] == str(sub)
+    v = validate_submission(sub, synth_dir / "sample_submission.csv")
+    assert v.ok and v.rows == 20
+    with np.load(run_dir / "test_probs.npz") as z:
+        assert z["probs"].dtype == np.float16 and z["probs"].shape == (20, 101, 101)
+    info = json.loads((run_dir / "submission.json").read_text())
+    assert info["models"] == 2 and set(info["postprocess"]) == {"threshold", "min_area"}
+
+
+def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):
+    run_dir, _, _ = predicted
+    r = run_cli("cv", "--run-dir", run_dir, "--run-dir", run_dir, "--weights", "1,3", "--no-plots",
+                env={"TGS_RUNS_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = run_cli("cv", "--run-dir", run_dir, "--no-plots")
+    # the same run twice is the run itself
+    assert r.stdout.strip().splitlines()[-2] == single.stdout.strip().splitlines()[-2]
+    r = run_cli("predict", "--run-dir", run_dir, "--run-dir", run_dir, "--weights", "1", "--data-dir", synth_dir)
+    assert r.returncode != 0 and "--weights" in r.stderr
+
+
+def test_predict_untrained_fold_error(synth_dir, tmp_path):
+    cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce", "epochs": 1}], "max_train_batches": 1},
+                      folds={"k": 3, "seed": 1, "train_folds": [0, 1]})
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", tmp_path / "r", "--fold", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("predict", "--run-dir", tmp_path / "r", "--data-dir", synth_dir)
+    assert r.returncode != 0 and "fold 1" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- submit
+
+class FakeApi:
+    def __init__(self, error=None):
+        self.error, self.sent = error, []
+
+    def authenticate(self):
+        pass
+
+    def competition_submit(self, file_name, message, competition):
+        if self.error:
+            raise self.error
+        self.sent.append((file_name, message, competition))
+        return types.SimpleNamespace(message="Successfully submitted")
+
+
+@pytest.fixture
+def valid_sub(tmp_path):
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,rle_mask\na,1 1\nb,1 1\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("id,rle_mask\na,1 5\nb,\n")
+    return sub, sample
+
+
+def _with_api(monkeypatch, api):
+    monkeypatch.setitem(sys.modules, "kaggle", types.SimpleNamespace(api=api))
+    monkeypatch.setenv("KAGGLE_USERNAME", "u")
+    monkeypatch.setenv("KAGGLE_KEY", "k")
+
+
+def test_submit_success_and_dry_run(monkeypatch, valid_sub):
+    from tgs_salt.submit import submit
+
+    sub, sample = valid_sub
+    api = FakeApi()
+    _with_api(monkeypatch, api)
+    assert "dry run" in submit(sub, "msg", sample, dry_run=True) and api.sent == []
+    out = submit(sub, "msg", sample)
+    assert "Successfully submitted" in out
+    assert api.sent == [(str(sub), "msg", "tgs-salt-identification-challenge")]
+
+
+def test_submit_errors(monkeypatch, valid_sub, tmp_path):
+    from tgs_salt.submit import submit
+
+    sub, sample = valid_sub
+    _with_api(monkeypatch, FakeApi(RuntimeError("403 Client Error: Forbidden for url")))
+    with pytest.raises(UserError) as e:
+        submit(sub, "m", sample)
+    assert "rules" in str(e.value)
+    _with_api(monkeypatch, FakeApi(ConnectionError("Connection refused")))
+    with pytest.raises(UserError) as e:
+        submit(sub, "m", sample)
+    assert "network" in str(e.value)
+    for v in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(v)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "none"))
+    with pytest.raises(UserError) as e:
+        submit(sub, "m", sample)
+    assert "kaggle.json" in str(e.value)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,rle_mask\na,1 5\n")
+    r = run_cli("submit", bad, "-m", "x", "--sample", sample, "--dry-run")
+    assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
