@@ -102,3 +102,26 @@ def test_losses_known_values():
     with pytest.raises(UserError) as e:
         get_loss("focal")
     assert "lovasz" in str(e.value)
+
+
+def test_augmentations_valid_under_strict_and_deterministic():
+    import numpy as np
+
+    from tgs_salt.transforms import AugmentedArrays, build_augment
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 101, 101), dtype=np.uint8)
+    masks = rng.random((4, 101, 101)) > 0.5
+    for name in ("competition", "cpu_budget", "demo"):
+        aug = build_augment(C.load_config(name)["augment"], strict=True)  # invalid arguments raise
+        assert "VerticalFlip" not in repr(aug)
+        ds = AugmentedArrays(images, masks, np.zeros(4, np.float32), aug, seed=5)
+        img, mask, _ = ds[1]
+        assert img.shape == (101, 101) and mask.shape == (101, 101) and mask.dtype == torch.bool
+        ds.set_epoch(3)
+        a = ds[2]
+        b = ds[2]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # per-sample seeding
+        epoch3 = [ds[i][0] for i in range(4)]
+        ds.set_epoch(4)
+        assert any(not torch.equal(ds[i][0], epoch3[i]) for i in range(4))  # a new draw each epoch

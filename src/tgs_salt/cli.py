@@ -66,7 +66,13 @@ def cmd_score(args) -> int:
 def cmd_folds(args) -> int:
     from tgs_salt.data.folds import make_folds
 
-    path = make_folds(_data_dir(args), k=args.k, seed=args.seed, name=args.name, force=args.force)
+    k, seed, name = args.k, args.seed, args.name
+    if args.config:  # the fold settings of an experiment config
+        from tgs_salt.config import load_config
+
+        f = load_config(args.config)["folds"]
+        k, seed, name = f["k"], f["seed"], name or f["file"]
+    path = make_folds(_data_dir(args), k=k or 5, seed=42 if seed is None else seed, name=name, force=args.force)
     print(path)
     return 0
 
@@ -132,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("folds", help="write a stratified K-fold assignment folds/<name>.csv")
     data_arg(s)
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--config", help="take k, seed and file name from this config's folds section")
+    s.add_argument("--k", type=int, help="number of folds (default 5)")
+    s.add_argument("--seed", type=int, help="shuffle seed (default 42)")
     s.add_argument("--name", help="fold file name (default: k<K>-seed<S>)")
     s.add_argument("--force", action="store_true", help="rewrite an existing, different fold file")
     s.set_defaults(func=cmd_folds)
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted fold from its last checkpoint")
     s.add_argument("--force", action="store_true", help="retrain completed folds")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    s.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on CPU, 6 on CUDA)")
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")

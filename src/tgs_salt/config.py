@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
         "decoder_attention": None,      # null | scse
         "decoder_channels": [256, 128, 64, 32, 16],
         "base_channels": 32,            # width of the plain baselines
+        "norm": "batch",                # batch | group (plain baselines only)
     },
     "input": {
         "channels": ["image", "depth", "row"],

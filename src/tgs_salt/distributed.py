@@ -47,15 +47,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def all_any(flag: bool, ctx: DistContext, device: torch.device | str = "cpu") -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    if not ctx.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -50,6 +50,11 @@ def check_model_config(m: dict, where: str = "config") -> None:
         if m["encoder"] not in names:
             raise UserError(f"config {where}: model.encoder = {m['encoder']!r} is not an smp encoder; "
                             f"valid: {', '.join(names)}")
+    if m["norm"] not in ("batch", "group"):
+        raise UserError(f"config {where}: model.norm = {m['norm']!r}; allowed: batch, group")
+    if m["norm"] == "group" and m["arch"] not in PLAIN_ARCHS:
+        raise UserError(f"config {where}: model.norm group is for the plain baselines ({', '.join(PLAIN_ARCHS)}); "
+                        "smp models use batch norm")
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
@@ -61,23 +66,29 @@ def check_model_config(m: dict, where: str = "config") -> None:
 
 # ----------------------------------------------------------------------------- baselines
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def _norm(kind: str, c: int) -> nn.Module:
+    # group norm does not depend on the batch: small per-GPU batches train as one large batch would
+    return nn.BatchNorm2d(c) if kind == "batch" else nn.GroupNorm(min(8, c), c)
+
+
+def _block(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True))
 
 
 class PlainUNet(nn.Module):
     """The original U-Net shape (4 downsamplings), max-pool or strided-convolution downsampling."""
 
-    def __init__(self, in_channels: int, base: int = 32, strided: bool = False):
+    def __init__(self, in_channels: int, base: int = 32, strided: bool = False, norm: str = "batch"):
         super().__init__()
         ch = [base * 2 ** i for i in range(5)]
-        self.enc = nn.ModuleList([_block(in_channels, ch[0])] + [_block(ch[i], ch[i + 1]) for i in range(4)])
+        self.enc = nn.ModuleList([_block(in_channels, ch[0], norm)] +
+                                 [_block(ch[i], ch[i + 1], norm) for i in range(4)])
         self.down = nn.ModuleList([
             nn.Conv2d(ch[i], ch[i], 3, stride=2, padding=1) if strided else nn.MaxPool2d(2) for i in range(4)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(4)])
-        self.dec = nn.ModuleList([_block(ch[i] * 2, ch[i]) for i in range(4)])
+        self.dec = nn.ModuleList([_block(ch[i] * 2, ch[i], norm) for i in range(4)])
         self.head = nn.Conv2d(ch[0], 1, 1)
 
     def forward(self, x):
@@ -95,12 +106,12 @@ class PlainUNet(nn.Module):
 class PlainFCN(nn.Module):
     """A fully convolutional network without skip connections (FCN-32s-like, bilinear upsampling)."""
 
-    def __init__(self, in_channels: int, base: int = 32):
+    def __init__(self, in_channels: int, base: int = 32, norm: str = "batch"):
         super().__init__()
         ch = [base * 2 ** i for i in range(5)]
         layers, cin = [], in_channels
         for c in ch:
-            layers += [_block(cin, c), nn.MaxPool2d(2)]
+            layers += [_block(cin, c, norm), nn.MaxPool2d(2)]
             cin = c
         self.features = nn.Sequential(*layers[:-1])  # 4 poolings
         self.head = nn.Conv2d(cin, 1, 1)
@@ -142,11 +153,11 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
 def build_model(m: dict, in_channels: int) -> nn.Module:
     arch = m["arch"]
     if arch == "plain_unet":
-        return PlainUNet(in_channels, m["base_channels"], strided=False)
+        return PlainUNet(in_channels, m["base_channels"], strided=False, norm=m["norm"])
     if arch == "plain_unet_strided":
-        return PlainUNet(in_channels, m["base_channels"], strided=True)
+        return PlainUNet(in_channels, m["base_channels"], strided=True, norm=m["norm"])
     if arch == "fcn":
-        return PlainFCN(in_channels, m["base_channels"])
+        return PlainFCN(in_channels, m["base_channels"], norm=m["norm"])
     if arch not in SMP_ARCHS:
         raise UserError(f"unknown model.arch {arch!r}; valid: {', '.join(arch_names())}")
     weights = m["encoder_weights"]

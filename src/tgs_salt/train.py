@@ -24,7 +24,7 @@ import torch
 
 from tgs_salt import config as C
 from tgs_salt import paths
-from tgs_salt.distributed import DistContext, all_any, all_gather_objects, barrier, init_distributed, shutdown
+from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
@@ -261,7 +261,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
 
     model = build_model(cfg["model"], builder.n_channels)
     if ctx.enabled and t["sync_bn"]:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:
+            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm")
     mf = torch.channels_last if t["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=mf)
     optimizer = make_optimizer(model.parameters(), t)
@@ -388,6 +391,13 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         if stop_after is not None and epoch >= stop_after and epoch < n_epochs:
             raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
 
+    # every rank must end with the same weights: record their checksums (one per rank)
+    digest = hashlib.sha1(b"".join(v.detach().cpu().float().numpy().tobytes()
+                                   for v in model.state_dict().values())).hexdigest()
+    rank_digests = all_gather_objects(digest, ctx)
+    if len(set(rank_digests)) != 1:
+        raise TrainingError(f"fold {fold}: model weights differ across the {ctx.world} processes")
+
     # out-of-fold probabilities from the best weights, with flip TTA
     best = load_checkpoint(best_path) if best_path.exists() else None
     if best is None:
@@ -399,7 +409,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                                               get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
     done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
             "epochs_run": len(log_rows), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-            "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world}
+            "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
+            "weights_sha1_per_rank": rank_digests}
     if ctx.is_main:
         with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
@@ -483,8 +494,11 @@ def train_command(args) -> int:
                 for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
                     (fdir / f).unlink(missing_ok=True)
             barrier(ctx)
+            stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
+            workers = args.workers if args.workers is not None else (
+                min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
             train_fold(cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                       workers=args.workers, ctx=ctx)
+                       workers=workers, ctx=ctx, stop_after=int(stop_after) if stop_after else None)
     finally:
         shutdown(ctx)
     if ctx.is_main:

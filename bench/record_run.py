@@ -1,0 +1,38 @@
+"""Record a finished run's CV and timings under bench/results/ (with the hardware).
+
+    python bench/record_run.py RUN_DIR NAME [--wall-seconds S] [--note TEXT]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from common import save
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("name")
+    p.add_argument("--wall-seconds", type=float)
+    p.add_argument("--note")
+    a = p.parse_args()
+    run = Path(a.run_dir)
+    cv = json.loads((run / "cv.json").read_text())
+    folds = {d.name: json.loads((d / "done.json").read_text()) for d in sorted(run.glob("fold*"))
+             if (d / "done.json").exists()}
+    result = {
+        "run": run.name, "note": a.note, "cv_score": cv["score"],
+        "cv_score_threshold_0.5": cv["score_default_threshold"], "threshold": cv["threshold"],
+        "min_area": cv["min_area"], "all_empty_score": cv["all_empty_score"], "n_oof_images": cv["n_images"],
+        "pixel_iou": cv["pixel_iou"], "per_coverage": cv["per_coverage"],
+        "folds": {k: {x: v[x] for x in ("best_metric", "oof_metric_tta", "best_epoch", "epochs_run", "seconds",
+                                        "n_train", "n_val")} for k, v in folds.items()},
+        "train_seconds": round(sum(v["seconds"] for v in folds.values()), 1),
+        "wall_seconds": a.wall_seconds,
+    }
+    save(a.name, result)
+
+
+if __name__ == "__main__":
+    main()
