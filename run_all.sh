@@ -36,7 +36,7 @@ fi
 . scripts/ensure_env.sh
 PY=python
 
-LOG_DIR="runs/logs"   # until the run directory is known
+LOG_DIR="${TGS_RUNS_DIR:-runs}/logs"   # until the run directory is known
 mkdir -p "$LOG_DIR"
 # stage NAME CMD...: run a stage, its output to the terminal and to <run dir>/logs/NAME.log
 stage() {
@@ -87,7 +87,12 @@ if [ -z "$CONFIG" ]; then
     CONFIG=cpu_budget
   fi
 fi
-NAME="$($PY -c "from tgs_salt.config import load_config as l; import sys; print(l(sys.argv[1])['name'])" "$CONFIG")"
+# config_get ARGS...: one checked fact of the config; a bad config stops here, named
+config_get() {
+  "$PY" -m tgs_salt config "$CONFIG" "$@" 2>>"$LOG_DIR/config.log" || {
+    echo "run_all: stage 'config' failed; see $LOG_DIR/config.log:" >&2; tail -n 3 "$LOG_DIR/config.log" >&2; exit 1; }
+}
+NAME="$(config_get --get name)"
 RUN_DIR="${RUN_DIR:-${TGS_RUNS_DIR:-runs}/$NAME}"
 mkdir -p "$RUN_DIR/logs"
 mv "$LOG_DIR"/*.log "$RUN_DIR/logs/" 2>/dev/null || true
@@ -96,11 +101,7 @@ echo "run_all: config $CONFIG, data $DATA_DIR, run directory $RUN_DIR" >&2
 
 # 3. folds (a file, made once), then training: completed folds are skipped, interrupted ones resumed
 stage folds $PY -m tgs_salt folds --config "$CONFIG" --data-dir "$DATA_DIR"
-FOLD_LIST="$($PY -c "
-import sys
-from tgs_salt.config import load_config
-from tgs_salt.train import parse_folds
-print(','.join(map(str, parse_folds(None, sys.argv[2] or None, load_config(sys.argv[1])))))" "$CONFIG" "$FOLDS")"
+FOLD_LIST="$(config_get --get folds ${FOLDS:+--folds "$FOLDS"})"
 TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" --resume --device "$DEVICE" $FORCE)
 
 NGPU=0

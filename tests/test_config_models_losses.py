@@ -57,9 +57,11 @@ def test_overrides_and_unknown_config_name():
 
 @pytest.mark.parametrize("arch", ["plain_unet", "plain_unet_strided", "fcn"])
 def test_plain_baselines_shapes(arch):
-    m = build_model({"arch": arch, "base_channels": 8, "encoder": "resnet34", "encoder_weights": None,
-                     "decoder_attention": None, "decoder_channels": [256, 128, 64, 32, 16]}, 3)
-    assert m(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 128, 128)
+    for norm in ("batch", "group"):
+        m = build_model(dict(C.DEFAULTS["model"], arch=arch, base_channels=8, norm=norm), 3)
+        assert m(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 128, 128)
+        assert any(isinstance(x, torch.nn.GroupNorm if norm == "group" else torch.nn.BatchNorm2d)
+                   for x in m.modules())
 
 
 def test_smp_unet_with_scse_and_local_weights(tmp_path):

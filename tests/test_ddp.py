@@ -28,12 +28,15 @@ def torchrun(*args, nproc=2):
 
 
 def test_ddp_fold_matches_single_process(synth_dir, tmp_path):
-    # group norm and fp32: the 2 x 4 data-parallel run sees exactly the global batches of 8 that
-    # the single process sees, so the two must agree up to floating-point summation order
+    # group norm, fp32 and SGD: the 2 x 2 data-parallel run sees exactly the global batches of 4
+    # that the single process sees, so the two must agree up to floating-point summation order
+    # (SGD, whose step is proportional to the gradient; Adam's normalised step amplifies rounding
+    # differences of near-zero gradients)
     cfg = tiny_config(tmp_path, model={"arch": "plain_unet", "base_channels": 4, "encoder_weights": None,
                                        "norm": "group"},
-                      train={"batch_size": 8, "amp": False, "sync_bn": True,
-                             "stages": [{"loss": "bce_dice", "epochs": 1}, {"loss": "lovasz", "epochs": 1}]})
+                      train={"batch_size": 4, "amp": False, "sync_bn": True, "warmup_epochs": 0,
+                             "optimizer": "sgd", "lr": 0.05,
+                             "stages": [{"loss": "bce_lovasz", "epochs": 1}]})
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     r = torchrun("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", ddp_dir, "--fold", "0",
                  "--device", "cpu")
@@ -44,15 +47,19 @@ def test_ddp_fold_matches_single_process(synth_dir, tmp_path):
 
     fd = ddp_dir / "fold0"
     assert sorted(p.name for p in fd.iterdir()) == ["best.pt", "done.json", "log.csv", "oof.npz"]
-    assert len((fd / "log.csv").read_text().strip().splitlines()) == 1 + 2   # one writer, no duplicate rows
+    assert len((fd / "log.csv").read_text().strip().splitlines()) == 1 + 1   # one writer, no duplicate rows
     done = json.loads((fd / "done.json").read_text())
     assert done["world_size"] == 2
     assert len(done["weights_sha1_per_rank"]) == 2 and len(set(done["weights_sha1_per_rank"])) == 1
 
+    log_ddp = (fd / "log.csv").read_text().splitlines()[1].split(",")
+    log_one = (single_dir / "fold0" / "log.csv").read_text().splitlines()[1].split(",")
+    for col in (4, 5):  # train loss (reduced over ranks) and validation loss agree
+        assert abs(float(log_ddp[col]) - float(log_one[col])) < 1e-3, (log_ddp, log_one)
     a = torch.load(fd / "best.pt", weights_only=True)["model"]
     b = torch.load(single_dir / "fold0" / "best.pt", weights_only=True)["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
     with np.load(fd / "oof.npz") as za, np.load(single_dir / "fold0" / "oof.npz") as zb:
         assert list(za["ids"]) == list(zb["ids"])
         assert np.abs(za["probs"].astype(np.float32) - zb["probs"].astype(np.float32)).max() < 5e-3

@@ -67,8 +67,10 @@ def test_broken_stage_is_named(first_run, tmp_path):
     bad.write_text("name: bad\ntrain: {batch_sise: 3}\n")
     r = run_all(tmp, "--config", bad, "--data-dir", tmp / "data", "--device", "cpu")
     assert r.returncode != 0
-    assert "stage 'folds' failed" in r.stderr and "batch_sise" in r.stderr
-    assert "see " in r.stderr
+    assert "stage 'config' failed" in r.stderr and "batch_sise" in r.stderr
+    assert "see " in r.stderr and "Traceback" not in r.stderr
+    r = run_all(tmp, "--config", tmp / "tiny.yaml", "--data-dir", tmp / "data", "--folds", "7")
+    assert r.returncode != 0 and "stage 'config' failed" in r.stderr and "out of range" in r.stderr
 
 
 def test_bad_option(tmp_path):

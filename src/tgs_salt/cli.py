@@ -77,6 +77,21 @@ def cmd_folds(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from tgs_salt.config import dump, load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.get == "name":
+        print(cfg["name"])
+    elif args.get == "folds":
+        from tgs_salt.train import parse_folds
+
+        print(",".join(map(str, parse_folds(None, args.folds, cfg))))
+    else:
+        print(dump(cfg), end="")
+    return 0
+
+
 def cmd_train(args) -> int:
     from tgs_salt.train import train_command
 
@@ -144,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="fold file name (default: k<K>-seed<S>)")
     s.add_argument("--force", action="store_true", help="rewrite an existing, different fold file")
     s.set_defaults(func=cmd_folds)
+
+    s = sub.add_parser("config", help="print a resolved config (checked), or one fact of it")
+    s.add_argument("config", help="YAML config (a path, or a name in configs/)")
+    s.add_argument("--get", choices=["name", "folds"], help="print only the run name, or the folds to train")
+    s.add_argument("--folds", help="with --get folds: the folds asked for (checked against the config)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("train", help="train one or more folds")
     s.add_argument("--config", required=True, help="YAML config (a path, or a name in configs/)")

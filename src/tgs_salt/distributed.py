@@ -47,6 +47,15 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def sync_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: each rank updates its
+    own during the forward passes of an epoch, and evaluation must use one set."""
+    if not ctx.enabled:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,7 +24,8 @@ import torch
 
 from tgs_salt import config as C
 from tgs_salt import paths
-from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown
+from tgs_salt.distributed import (DistContext, all_gather_objects, barrier, init_distributed, shutdown,
+                                  sync_buffers)
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
@@ -352,6 +353,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             bar.update()
         bar.close()
         train_seconds = time.time() - t0
+        if ctx.enabled:  # the logged train loss covers every rank's images
+            parts = all_gather_objects((loss_sum, seen), ctx)
+            loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        sync_buffers(model, ctx)
         val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, loss_fn, ctx)
         improved = metric > best_metric
         if improved:
@@ -363,7 +368,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
                "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}", "best_metric": f"{best_metric:.5f}",
                "seconds": f"{time.time() - t0:.1f}",
-               "images_per_s": f"{seen * ctx.world / max(train_seconds, 1e-9):.1f}"}
+               "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"}
         log_rows.append(row)
         next_epoch = epoch + 1
         es = t["early_stopping"]
