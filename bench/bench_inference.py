@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import torch
-
 from common import save
+
 from tgs_salt.config import load_config
 from tgs_salt.models import build_model
 from tgs_salt.predict import FoldModel, predict_test

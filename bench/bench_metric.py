@@ -6,12 +6,12 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import time  # noqa: E402
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import save
 
-from common import save  # noqa: E402
-from tgs_salt.metric import competition_score, threshold_sweep  # noqa: E402
+from tgs_salt.metric import competition_score, threshold_sweep
 
 
 def main():

@@ -8,8 +8,8 @@ import argparse
 import time
 
 import torch
-
 from common import save
+
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
 from tgs_salt.models import build_model

@@ -14,7 +14,6 @@ from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
 from tgs_salt.errors import UserError
 from tgs_salt.train import TrainingError, train_fold
 
-
 # ----------------------------------------------------------------------------- folds
 
 def test_folds_are_stratified_and_deterministic():
@@ -179,3 +178,39 @@ def test_cv_errors(trained, tmp_path, synth_dir):
     (tmp_path / "b2" / "run.json").write_text(json.dumps(facts))
     r = run_cli("cv", "--run-dir", tmp_path / "b2")
     assert r.returncode != 0 and "does not match the data" in r.stderr
+
+
+def test_early_stopping_ends_the_stage(tmp_path, synth_dir):
+    # a learning rate too small to change anything: the metric never improves after epoch 1
+    cfg, data, folds = _setup(tmp_path, synth_dir, train={
+        "batch_size": 8, "lr": 1e-12, "warmup_epochs": 0, "early_stopping": 1, "max_train_batches": 1,
+        "stages": [{"loss": "bce", "epochs": 5}, {"loss": "lovasz", "epochs": 1}]})
+    done = train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    log = pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")
+    assert list(log.epoch) == [0, 1, 5] and list(log.loss_name) == ["bce", "bce", "lovasz"]
+    assert done["epochs_run"] == 3
+
+
+def test_lr_schedules():
+    from tgs_salt.train import LRController
+
+    cfg = C.load_config("demo", ["train.warmup_epochs=1", "train.lr=0.01", "train.min_lr_ratio=0.1",
+                                 "train.stages=[{loss: bce, epochs: 4}, {loss: lovasz, epochs: 2, lr: 0.002}]"])
+    lrc = LRController(cfg)
+    assert lrc.lr(0, 0.0) == pytest.approx(0.001)          # warm-up starts at a tenth
+    import math
+
+    # warm-up done: on the stage's cosine (a quarter of the way through a 4-epoch stage)
+    assert lrc.lr(1, 0.0) == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lrc.lr(3, 0.999) == pytest.approx(0.001, rel=1e-3)  # bottom of the stage
+    assert lrc.lr(4, 0.0) == pytest.approx(0.002)          # the next stage restarts at its own lr
+    cfg["train"]["schedule"] = "plateau"
+    cfg["train"]["plateau_patience"] = 2
+    lrc = LRController(cfg)
+    for m in (0.5, 0.6, 0.6, 0.6):
+        lrc.observe(m)
+    assert lrc.lr(2, 0.0) == pytest.approx(0.005)           # halved after 2 epochs without gain
+    state = lrc.state_dict()
+    other = LRController(cfg)
+    other.load_state_dict(state)
+    assert other.lr(2, 0.5) == lrc.lr(2, 0.5)

@@ -28,7 +28,7 @@ def get_api():
     if not has_credentials():
         raise UserError(CREDENTIALS_HELP)
     try:
-        import kaggle  # noqa: PLC0415  (lazy on purpose)
+        import kaggle
     except ImportError as exc:
         raise UserError(f"the kaggle package is not installed ({exc}); pip install -r requirements.txt") from None
     except (Exception, SystemExit) as exc:

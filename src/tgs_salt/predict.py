@@ -14,7 +14,7 @@ from tgs_salt import paths
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.postprocess import PostProcess, apply, tune
-from tgs_salt.report import expected_folds, load_oof, output_dir, parse_weights, read_run
+from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
 from tgs_salt.train import amp_context, load_checkpoint, resolve_device
 from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
@@ -88,7 +88,7 @@ def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.n
 
 
 def predict_command(args) -> int:
-    from tgs_salt.data import load_test, load_train
+    from tgs_salt.data import load_test
 
     run_dirs = [Path(p) for p in args.run_dir]
     weights = parse_weights(args.weights, len(run_dirs))
@@ -101,13 +101,8 @@ def predict_command(args) -> int:
     test = load_test(data_dir)
 
     # post-processing tuned on the same ensemble's out-of-fold predictions
-    oof_ids, oof = load_oof(run_dirs, weights)
-    train = load_train(data_dir)
-    index = {i: k for k, i in enumerate(train.ids)}
-    missing = [i for i in oof_ids if i not in index]
-    if missing:
-        raise UserError(f"out-of-fold id {missing[0]} is not in {data_dir}: pass the data the runs were trained on")
-    pp, sweep = tune(oof, train.masks[[index[i] for i in oof_ids]], cfg)
+    _, oof, train, rows = oof_with_truth(run_dirs, weights, data_dir)
+    pp, sweep = tune(oof, train.masks[rows], cfg)
     del oof, train
     log.info("post-processing tuned on OOF: threshold %.3f, min area %d (CV %.4f; %.4f at threshold %.2f)",
              pp.threshold, pp.min_area, sweep["score_tuned"], sweep["score_default"], sweep["default"].threshold)
@@ -123,9 +118,8 @@ def predict_command(args) -> int:
 
     out_dir = output_dir(run_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "test_probs.npz", suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=test.ids, probs=probs)
+    with atomic_path(out_dir / "test_probs.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=test.ids, probs=probs)
     masks = apply(probs, pp, test.images)
     name = out_dir.name
     sub_path = Path(args.out) if args.out else paths.submissions_dir() / f"{name}.csv"
@@ -144,4 +138,4 @@ def predict_command(args) -> int:
     return 0
 
 
-__all__ = ["FoldModel", "PostProcess", "predict_test", "predict_command", "load_fold_models"]
+__all__ = ["FoldModel", "PostProcess", "load_fold_models", "predict_command", "predict_test"]

@@ -16,7 +16,7 @@ from tgs_salt.data.folds import coverage_class, folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import PostProcess, apply, tune
+from tgs_salt.postprocess import apply, tune
 
 log = logging.getLogger(__name__)
 COVERAGE_LABELS = ["empty"] + [f"{10 * i}-{10 * (i + 1)}%" for i in range(10)]
@@ -77,6 +77,19 @@ def load_oof(run_dirs: list[Path], weights: np.ndarray) -> tuple[np.ndarray, np.
     return ids_ref, acc
 
 
+def oof_with_truth(run_dirs: list[Path], weights: np.ndarray, data_dir: Path):
+    """The ensemble's OOF (ids, probs), the train set, and each OOF id's row in it."""
+    from tgs_salt.data import load_train
+
+    ids, probs = load_oof(run_dirs, weights)
+    data = load_train(data_dir)
+    index = {i: k for k, i in enumerate(data.ids)}
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise UserError(f"out-of-fold id {unknown[0]} is not in {data_dir}; pass the data the runs were trained on")
+    return ids, probs, data, np.array([index[i] for i in ids])
+
+
 def output_dir(run_dirs: list[Path]) -> Path:
     if len(run_dirs) == 1:
         return Path(run_dirs[0])
@@ -85,19 +98,11 @@ def output_dir(run_dirs: list[Path]) -> Path:
 
 def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str | None = None,
               plots: bool = True) -> dict:
-    from tgs_salt.data import load_train
-
     run_dirs = [Path(r) for r in run_dirs]
     w = parse_weights(weights, len(run_dirs))
     cfg, facts = read_run(run_dirs[0])
     data_dir = Path(data_dir) if data_dir else Path(facts["data_dir"])
-    ids, probs = load_oof(run_dirs, w)
-    data = load_train(data_dir)
-    index = {i: k for k, i in enumerate(data.ids)}
-    unknown = [i for i in ids if i not in index]
-    if unknown:
-        raise UserError(f"out-of-fold id {unknown[0]} is not in {data_dir}; pass the data the run was trained on")
-    rows = np.array([index[i] for i in ids])
+    ids, probs, data, rows = oof_with_truth(run_dirs, w, data_dir)
     truth, images = data.masks[rows], data.images[rows]
     fold_file = Path(facts["fold_file"])
     folds = folds_for(data.ids, fold_file)[rows]
@@ -110,7 +115,7 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
     empty = ~truth.any(axis=(1, 2))
     result = {
         "runs": [str(r) for r in run_dirs], "weights": w.round(6).tolist(), "data_dir": str(data_dir),
-        "n_images": int(len(ids)), "folds": sorted(int(f) for f in np.unique(folds)),
+        "n_images": len(ids), "folds": sorted(int(f) for f in np.unique(folds)),
         "score_default_threshold": round(sweep["score_default"], 6),
         "default_threshold": sweep["default"].threshold,
         "threshold": best.threshold, "min_area": best.min_area,

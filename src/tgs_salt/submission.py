@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -28,11 +28,10 @@ def write_submission(path: str | os.PathLike, ids: Iterable[str], masks: np.ndar
 
 def write_rles(path: str | os.PathLike, ids: list[str], rles: list[str]) -> Path:
     path = Path(path)
-    with atomic_path(path, suffix=".csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(HEADER)
-            w.writerows(zip(ids, rles))
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(HEADER)
+        w.writerows(zip(ids, rles))
     return path
 
 

@@ -24,8 +24,7 @@ import torch
 
 from tgs_salt import config as C
 from tgs_salt import paths
-from tgs_salt.distributed import (DistContext, all_gather_objects, barrier, init_distributed, shutdown,
-                                  sync_buffers)
+from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
@@ -413,13 +412,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg,
                                               get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
     done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
-            "epochs_run": len(log_rows), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+            "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
             "weights_sha1_per_rank": rank_digests}
     if ctx.is_main:
-        with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16))
+        with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16))
         write_json_atomic(fdir / "done.json", done)
         last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
         log.info("fold %d done: best metric %.4f (epoch %d), OOF with TTA %.4f", fold, best_metric,
@@ -436,11 +434,10 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path, suffix=".csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, lineterminator="\n")
-            w.writeheader()
-            w.writerows(rows)
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- command

@@ -2,4 +2,4 @@
 
 from tgs_salt.data.kaggle_io import TestSet, TrainSet, load_test, load_train
 
-__all__ = ["TrainSet", "TestSet", "load_train", "load_test"]
+__all__ = ["TestSet", "TrainSet", "load_test", "load_train"]

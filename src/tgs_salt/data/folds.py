@@ -84,7 +84,7 @@ def make_folds(data_dir: Path, k: int = 5, seed: int = 42, name: str | None = No
     return path
 
 
-def read_folds(path: Path) -> "object":
+def read_folds(path: Path) -> object:
     import pandas as pd
 
     path = Path(path)

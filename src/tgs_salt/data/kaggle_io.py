@@ -77,7 +77,7 @@ def has_layout(data_dir: Path) -> bool:
         return False
 
 
-def read_csv_ids(path: Path, columns: tuple[str, ...]) -> "object":
+def read_csv_ids(path: Path, columns: tuple[str, ...]) -> object:
     import pandas as pd
 
     try:
@@ -164,9 +164,8 @@ def _save_cache(cache: Path, arrays: dict) -> None:
         if old != cache:
             old.unlink(missing_ok=True)
     try:
-        with atomic_path(cache, suffix=".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
+        with atomic_path(cache, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
     except OSError as exc:
         log.warning("could not write cache %s (%s); continuing without it", cache, exc)
 
