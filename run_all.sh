@@ -104,9 +104,11 @@ stage folds $PY -m tgs_salt folds --config "$CONFIG" --data-dir "$DATA_DIR"
 FOLD_LIST="$(config_get --get folds ${FOLDS:+--folds "$FOLDS"})"
 TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" --resume --device "$DEVICE" $FORCE)
 
+# GPUs to use: all that torch sees, or $TGS_GPUS (fewer; the tests also use it to run the
+# parallel-fold orchestration with CPU processes)
 NGPU=0
 if [ "$DEVICE" != cpu ]; then
-  NGPU="$($PY -c "import torch; print(torch.cuda.device_count())")"
+  NGPU="${TGS_GPUS:-$($PY -c "import torch; print(torch.cuda.device_count())")}"
 fi
 if [ "$NGPU" -ge 2 ] || [ "$GPUS_PER_FOLD" -gt 1 ]; then
   # several GPUs: folds in parallel, one process (or a torchrun group of G) per slot

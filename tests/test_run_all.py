@@ -12,8 +12,9 @@ from helpers import tiny_config
 from tgs_salt.submission import validate_submission
 
 
-def run_all(tmp_path, *args):
+def run_all(tmp_path, *args, extra_env=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env.update(extra_env or {})
     env["KAGGLE_CONFIG_DIR"] = str(tmp_path / "no-kaggle")
     for name in ("RUNS", "SUBMISSIONS", "FOLDS", "CACHE"):
         env[f"TGS_{name}_DIR"] = str(tmp_path / name.lower())
@@ -76,3 +77,23 @@ def test_broken_stage_is_named(first_run, tmp_path):
 def test_bad_option(tmp_path):
     r = run_all(tmp_path, "--bogus")
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+
+
+@pytest.mark.parametrize("gpus_per_fold", [1, 2])
+def test_parallel_folds_orchestration(first_run, tmp_path, gpus_per_fold):
+    """Two 'GPUs' (TGS_GPUS; on this CPU machine each slot is a CPU process): with one GPU per fold,
+    folds 0 and 1 train at the same time; with two per fold, each fold is a torchrun group of 2."""
+    tmp, cfg, _ = first_run
+    r = run_all(tmp, "--config", cfg, "--data-dir", tmp / "data", "--run-dir", tmp_path / "run",
+                "--gpus-per-fold", gpus_per_fold, extra_env={"TGS_GPUS": "2", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    slots = 2 // gpus_per_fold
+    assert f"{slots} fold(s) at a time" in r.stderr
+    for k in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"train_fold{k}.log").read_text()
+        assert "done" in log
+    import json
+
+    done = [json.loads((tmp_path / "run" / f"fold{k}" / "done.json").read_text()) for k in (0, 1)]
+    assert all(d["world_size"] == gpus_per_fold for d in done)
+    assert Path(r.stdout.strip().splitlines()[-1]).exists()

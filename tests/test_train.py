@@ -214,3 +214,22 @@ def test_lr_schedules():
     other = LRController(cfg)
     other.load_state_dict(state)
     assert other.lr(2, 0.5) == lrc.lr(2, 0.5)
+
+
+def test_saved_config_missing_a_new_default_key_is_no_change(trained, synth_dir):
+    import yaml
+
+    cfg_path, run_dir = trained
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["model"]["norm"]   # as written by an older version of the code
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0")
+    assert r.returncode == 0 and "skipped" in r.stderr, r.stderr[-2000:]
+
+
+def test_committed_real_folds_are_reproducible(shared_data, tmp_path):
+    from tgs_salt.paths import REPO_ROOT
+
+    committed = REPO_ROOT / "folds" / "tgs-salt-k5-seed42.csv"
+    made = make_folds(shared_data, k=5, seed=42, name=str(tmp_path / "f.csv"))
+    assert made.read_text() == committed.read_text()

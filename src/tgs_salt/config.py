@@ -147,6 +147,11 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
     return cfg
 
 
+def merge_defaults(raw: dict) -> dict:
+    """A config dict merged onto DEFAULTS (unknown keys are errors)."""
+    return _merge(DEFAULTS, raw, "")
+
+
 def _deep_update(base: dict, upd: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in upd.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from tgs_salt import config as C
 from tgs_salt import paths
@@ -151,8 +152,13 @@ def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, f
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"
     text = C.dump(cfg)
-    if cfg_path.exists() and cfg_path.read_text() != text:
-        if not force:
+    if cfg_path.exists() and not force:
+        # compared after merging onto today's defaults: a key added to the code since is no change
+        try:
+            saved = C.merge_defaults(yaml.safe_load(cfg_path.read_text()) or {})
+        except UserError:
+            saved = None
+        if saved != cfg:
             raise UserError(f"{cfg_path} holds a different config than the one given; use another --run-dir, "
                             "or --force to retrain with the new one")
     folds_sha = hashlib.sha1(fold_file.read_bytes()).hexdigest()
