@@ -1,4 +1,6 @@
-"""Command line: ``python -m tgs_salt <command>``. Each command imports only what it needs."""
+"""TGS Salt Identification Challenge: data, folds, training, CV, prediction and submission.
+
+Each command imports only what it needs; `python -m tgs_salt <command> --help` for its options."""
 
 from __future__ import annotations
 

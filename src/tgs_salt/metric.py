@@ -69,7 +69,7 @@ def threshold_counts(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
     pred_area = np.empty((n, k), dtype=np.int64)
     true_area = truth.reshape(n, -1).sum(axis=1)
     for s in range(0, n, chunk):
-        p = probs[s:s + chunk].reshape(-1 if n else 0, *probs.shape[1:])
+        p = probs[s:s + chunk]
         m = p.shape[0]
         p16 = np.clip(p, 0, None).astype(np.float16, copy=False).reshape(m, -1)
         t = truth[s:s + chunk].reshape(m, -1)
