@@ -13,7 +13,7 @@ import torch
 from tgs_salt import paths
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
-from tgs_salt.postprocess import PostProcess, apply, tune
+from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
 from tgs_salt.train import amp_context, load_checkpoint, resolve_device
@@ -50,7 +50,7 @@ class FoldModel:
                 return self.model(inp)
 
         p = hflip_tta(forward, x, tta=tta)
-        return self.builder.geo.to_101(self.builder.geo.crop(p)).squeeze(1).float()
+        return self.builder.geo.output_to_101(p).squeeze(1).float()
 
 
 def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[list[FoldModel], Path]]:
@@ -137,5 +137,3 @@ def predict_command(args) -> int:
     print(sub_path)
     return 0
 
-
-__all__ = ["FoldModel", "PostProcess", "load_fold_models", "predict_command", "predict_test"]

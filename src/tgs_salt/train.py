@@ -210,7 +210,7 @@ def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.n
                         torch.from_numpy(depths[s:s + batch_size]).to(device))
             x = x.contiguous(memory_format=mf)
             p = hflip_tta(forward, x, tta=tta)
-            out[s:s + batch_size] = geo.to_101(geo.crop(p)).squeeze(1).float().cpu().numpy()
+            out[s:s + batch_size] = geo.output_to_101(p).squeeze(1).float().cpu().numpy()
     return out
 
 

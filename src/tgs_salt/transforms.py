@@ -37,8 +37,9 @@ class Geometry:
             return t
         return F.interpolate(t, size=(101, 101), mode="bilinear", align_corners=False)
 
-    def output_to_101(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.to_101(self.crop(logits))
+    def output_to_101(self, out: torch.Tensor) -> torch.Tensor:
+        """Network-sized maps (B, 1, pad_to, pad_to) -> (B, 1, 101, 101)."""
+        return self.to_101(self.crop(out))
 
 
 class InputBuilder:

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from tgs_salt import paths
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path
 from tgs_salt.rle import SHAPE, rle_decode, rle_problems
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -77,7 +81,7 @@ def has_layout(data_dir: Path) -> bool:
         return False
 
 
-def read_csv_ids(path: Path, columns: tuple[str, ...]) -> object:
+def read_csv_ids(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     import pandas as pd
 
     try:
