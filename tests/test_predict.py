@@ -199,3 +199,21 @@ def test_submit_errors(monkeypatch, valid_sub, tmp_path):
     bad.write_text("id,rle_mask\na,1 5\n")
     r = run_cli("submit", bad, "-m", "x", "--sample", sample, "--dry-run")
     assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_real_data_end_to_end(shared_data, tmp_path):
+    """A few batches on the real subset, then a submission for its 1000 test images that validates
+    against its sample_submission.csv (skipped without ../shared/tgs-salt)."""
+    cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce_dice", "epochs": 1}], "max_train_batches": 3,
+                                       "val_batch_size": 128},
+                      folds={"k": 5, "seed": 42, "train_folds": [2]}, predict={"batch_size": 250})
+    run_dir = tmp_path / "run"
+    r = run_cli("train", "--config", cfg, "--data-dir", shared_data, "--run-dir", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(run_dir / "fold2" / "oof.npz") as z:
+        assert len(z["ids"]) in (600, 601)
+    sub = tmp_path / "sub.csv"
+    r = run_cli("predict", "--run-dir", run_dir, "--data-dir", shared_data, "--out", sub)
+    assert r.returncode == 0, r.stderr[-2000:]
+    v = validate_submission(sub, shared_data / "sample_submission.csv")
+    assert v.ok and v.rows == 1000
