@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 CONFIG="" DATA_DIR="${TGS_DATA_DIR:-data}" RUN_DIR="" FOLDS="" FORCE="" DEVICE="auto" GPUS_PER_FOLD=1
 SUBMIT="" MESSAGE="" SYNTH_SIZE="1000,500"
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="$2"; shift 2 ;;
