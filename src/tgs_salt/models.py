@@ -36,6 +36,13 @@ def _smp():
     return smp
 
 
+def _offline_when_nothing_to_fetch(weights) -> None:
+    """No hub weights wanted: set HF_HUB_OFFLINE (read when smp first imports the hub client)
+    so that nothing waits on the network."""
+    if weights in (None, "null"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def encoder_names() -> list[str]:
     return sorted(_smp().encoders.get_encoder_names())
 
@@ -44,8 +51,7 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["arch"] not in arch_names():
         raise UserError(f"config {where}: model.arch = {m['arch']!r}; valid: {', '.join(arch_names())}")
     if m["arch"] in SMP_ARCHS:
-        if not os.environ.get("HF_HUB_OFFLINE") and m["encoder_weights"] in (None, "null"):
-            os.environ["HF_HUB_OFFLINE"] = "1"  # nothing to fetch: avoid the hub's network stall
+        _offline_when_nothing_to_fetch(m["encoder_weights"])
         names = encoder_names()
         if m["encoder"] not in names:
             raise UserError(f"config {where}: model.encoder = {m['encoder']!r} is not an smp encoder; "
@@ -162,9 +168,8 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         raise UserError(f"unknown model.arch {arch!r}; valid: {', '.join(arch_names())}")
     weights = m["encoder_weights"]
     if weights == "imagenet" and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    if weights in (None, "null") and "huggingface_hub" not in __import__("sys").modules:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once below instead of stalling on the network
+    _offline_when_nothing_to_fetch(weights)
     smp = _smp()
     cls = getattr(smp, arch)
     kwargs = {"encoder_name": m["encoder"], "classes": 1, "activation": None}

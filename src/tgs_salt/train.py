@@ -492,6 +492,9 @@ def train_command(args) -> int:
         if ctx.is_main:
             prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
         barrier(ctx)
+        stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
+        workers = args.workers if args.workers is not None else (
+            min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
         for fold in folds_to_train:
             fdir = fold_dir(run_dir, fold)
             if is_done(run_dir, fold) and not args.force:
@@ -502,9 +505,6 @@ def train_command(args) -> int:
                 for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
                     (fdir / f).unlink(missing_ok=True)
             barrier(ctx)
-            stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
-            workers = args.workers if args.workers is not None else (
-                min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
             train_fold(cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
                        workers=workers, ctx=ctx, stop_after=int(stop_after) if stop_after else None)
     finally:

@@ -198,15 +198,8 @@ def load_train(data_dir: str | os.PathLike | None = None, use_cache: bool = True
     df = read_csv_ids(data_dir / "train.csv", ("id", "rle_mask"))
     depths = read_depths(data_dir)
     ids = df["id"].to_numpy()
-    have_images = {f.stem for f in img_files}
-    have_masks = {f.stem for f in mask_files}
-    for i in ids:
-        if i not in have_images:
-            raise UserError(f"train.csv id {i} has no image train/images/{i}.png in {data_dir}")
-        if i not in have_masks:
-            raise UserError(f"train.csv id {i} has no mask train/masks/{i}.png in {data_dir}")
-        if i not in depths:
-            raise UserError(f"train id {i} has no depth in {data_dir}/depths.csv")
+    _require_files_and_depths(ids, "train.csv", "train", {"image": img_files, "mask": mask_files}, depths,
+                              data_dir)
     n = len(ids)
     images = np.empty((n, *SHAPE), dtype=np.uint8)
     masks = np.empty((n, *SHAPE), dtype=bool)
@@ -240,12 +233,7 @@ def load_test(data_dir: str | os.PathLike | None = None, use_cache: bool = True)
     df = read_csv_ids(data_dir / "sample_submission.csv", ("id",))
     depths = read_depths(data_dir)
     ids = df["id"].to_numpy()
-    have = {f.stem for f in img_files}
-    for i in ids:
-        if i not in have:
-            raise UserError(f"sample_submission.csv id {i} has no image test/images/{i}.png in {data_dir}")
-        if i not in depths:
-            raise UserError(f"test id {i} has no depth in {data_dir}/depths.csv")
+    _require_files_and_depths(ids, "sample_submission.csv", "test", {"image": img_files}, depths, data_dir)
     images = np.empty((len(ids), *SHAPE), dtype=np.uint8)
     for k, i in enumerate(_progress(ids, len(ids), "reading test")):
         images[k] = _as_uint8(read_image(img_dir / f"{i}.png", "image", i), i)
@@ -254,6 +242,18 @@ def load_test(data_dir: str | os.PathLike | None = None, use_cache: bool = True)
     if use_cache:
         _save_cache(cache, {"ids": out.ids, "images": images, "depths": z_arr})
     return out
+
+
+def _require_files_and_depths(ids, csv_name: str, split: str, files: dict[str, list[Path]],
+                              depths: dict[str, float], data_dir: Path) -> None:
+    """Every id of ``csv_name`` has its PNG of each kind (image, mask) and a depth."""
+    have = {kind: {f.stem for f in fs} for kind, fs in files.items()}
+    for i in ids:
+        for kind, stems in have.items():
+            if i not in stems:
+                raise UserError(f"{csv_name} id {i} has no {kind} {split}/{kind}s/{i}.png in {data_dir}")
+        if i not in depths:
+            raise UserError(f"{split} id {i} has no depth in {data_dir}/depths.csv")
 
 
 def _as_uint8(img: np.ndarray, image_id: str) -> np.ndarray:
