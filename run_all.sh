@@ -2,16 +2,18 @@
 # The main job: set-up -> data -> folds -> train every fold -> CV report -> predict -> submission [-> submit].
 #
 #   ./run_all.sh [--config C] [--data-dir D] [--run-dir R] [--folds 0,1,...] [--force]
-#                [--device auto|cpu|cuda] [--gpus-per-fold G] [--submit -m MSG] [--synth-size N,M]
+#                [--device auto|cpu|cuda] [--gpus-per-fold G] [--time-budget MINUTES]
+#                [--submit -m MSG] [--synth-size N,M]
 #
 # With no Kaggle data in D (default data/, or $TGS_DATA_DIR) and no Kaggle credentials, it runs the
-# synthetic demo. The last line printed is the submission's path.
+# synthetic demo. --time-budget (default: the config's train.time_budget_minutes) plans the epochs so
+# that everything after set-up ends within MINUTES. The last line printed is the submission's path.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 CONFIG="" DATA_DIR="${TGS_DATA_DIR:-data}" RUN_DIR="" FOLDS="" FORCE="" DEVICE="auto" GPUS_PER_FOLD=1
-SUBMIT="" MESSAGE="" SYNTH_SIZE="1000,500"
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+SUBMIT="" MESSAGE="" SYNTH_SIZE="1000,500" BUDGET=""
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="$2"; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE="--force"; shift ;;
     --device) DEVICE="$2"; shift 2 ;;
     --gpus-per-fold) GPUS_PER_FOLD="$2"; shift 2 ;;
+    --time-budget) BUDGET="$2"; shift 2 ;;
     --submit) SUBMIT=1; shift ;;
     -m|--message) MESSAGE="$2"; shift 2 ;;
     --synth-size) SYNTH_SIZE="$2"; shift 2 ;;
@@ -35,6 +38,8 @@ fi
 # 1. set-up: a Python with the pinned requirements (creates .venv once when needed)
 . scripts/ensure_env.sh
 PY=python
+# the time budget counts from here (after set-up): every stage plans against this start
+export TGS_JOB_START="${TGS_JOB_START:-$(date +%s)}"
 
 LOG_DIR="${TGS_RUNS_DIR:-runs}/logs"   # until the run directory is known
 mkdir -p "$LOG_DIR"
@@ -79,9 +84,14 @@ BANNER
   fi
 fi
 
+# device_type: cuda or cpu for --device auto; stops (with what to install) when nvidia-smi lists GPUs
+# that this torch cannot use, instead of quietly training on the CPU
+device_type() {
+  "$PY" -c "from tgs_salt.cli import device_type_command as d; raise SystemExit(d('$DEVICE'))" || exit 2
+}
 if [ -z "$CONFIG" ]; then
   if [ -n "$SYNTHETIC" ]; then CONFIG=demo
-  elif [ "$DEVICE" = cuda ] || { [ "$DEVICE" = auto ] && $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }; then
+  elif [ "$DEVICE" = cuda ] || { [ "$DEVICE" != cpu ] && [ "$(device_type)" = cuda ]; }; then
     CONFIG=competition
   else
     CONFIG=cpu_budget
@@ -102,37 +112,48 @@ echo "run_all: config $CONFIG, data $DATA_DIR, run directory $RUN_DIR" >&2
 # 3. folds (a file, made once), then training: completed folds are skipped, interrupted ones resumed
 stage folds $PY -m tgs_salt folds --config "$CONFIG" --data-dir "$DATA_DIR"
 FOLD_LIST="$(config_get --get folds ${FOLDS:+--folds "$FOLDS"})"
-TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" --resume --device "$DEVICE" $FORCE)
+TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" --resume --device "$DEVICE" $FORCE
+            ${BUDGET:+--time-budget "$BUDGET"})
 
 # GPUs to use: all that torch sees, or $TGS_GPUS (fewer; the tests also use it to run the
-# parallel-fold orchestration with CPU processes)
+# parallel-fold orchestration with CPU processes). An inherited CUDA_VISIBLE_DEVICES is respected:
+# slot j gets the j-th of the devices it lists.
 NGPU=0
 if [ "$DEVICE" != cpu ]; then
   NGPU="${TGS_GPUS:-$($PY -c "import torch; print(torch.cuda.device_count())")}"
 fi
 if [ "$NGPU" -ge 2 ] || [ "$GPUS_PER_FOLD" -gt 1 ]; then
-  # several GPUs: folds in parallel, one process (or a torchrun group of G) per slot
+  # several GPUs: folds in parallel, one process (or a torchrun group of G) per slot; each slot
+  # trains its share of the folds one after another
   SLOTS=$(( NGPU / GPUS_PER_FOLD )); [ "$SLOTS" -ge 1 ] || { echo "run_all: --gpus-per-fold $GPUS_PER_FOLD but $NGPU GPU(s)" >&2; exit 2; }
-  echo "run_all: $NGPU GPUs, $GPUS_PER_FOLD per fold, $SLOTS fold(s) at a time" >&2
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=',' read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+  else VISIBLE=(); for (( g = 0; g < NGPU; g++ )); do VISIBLE+=("$g"); done; fi
+  [ "${#VISIBLE[@]}" -ge "$NGPU" ] || { echo "run_all: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists fewer than $NGPU GPUs" >&2; exit 2; }
   IFS=',' read -r -a FOLD_ARR <<< "$FOLD_LIST"
-  failed=""
-  for (( s = 0; s < ${#FOLD_ARR[@]}; s += SLOTS )); do   # waves of SLOTS folds
-    pids=()
-    for (( j = 0; j < SLOTS && s + j < ${#FOLD_ARR[@]}; j++ )); do
-      f="${FOLD_ARR[s + j]}"
-      devs="$(seq -s, $(( j * GPUS_PER_FOLD )) $(( (j + 1) * GPUS_PER_FOLD - 1 )))"
-      if [ "$GPUS_PER_FOLD" -gt 1 ]; then
-        launcher=(torchrun --standalone --nproc-per-node="$GPUS_PER_FOLD" -m tgs_salt)
-      else
-        launcher=("$PY" -m tgs_salt)
-      fi
-      echo "== [train fold $f] GPUs $devs, log $LOG_DIR/train_fold$f.log" >&2
-      CUDA_VISIBLE_DEVICES="$devs" "${launcher[@]}" train "${TRAIN_ARGS[@]}" --fold "$f" \
-        > "$LOG_DIR/train_fold$f.log" 2>&1 &
-      pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  echo "run_all: $NGPU GPUs (${VISIBLE[*]:0:$NGPU}), $GPUS_PER_FOLD per fold, $SLOTS fold(s) at a time" >&2
+  # the precision and the time plan are settled once, before the folds start
+  stage plan $PY -m tgs_salt train "${TRAIN_ARGS[@]}" --folds "$FOLD_LIST" --plan-only --parallel-folds "$SLOTS"
+  pids=()
+  for (( j = 0; j < SLOTS && j < ${#FOLD_ARR[@]}; j++ )); do
+    devs="$(IFS=,; echo "${VISIBLE[*]:$(( j * GPUS_PER_FOLD )):$GPUS_PER_FOLD}")"
+    if [ "$GPUS_PER_FOLD" -gt 1 ]; then
+      launcher=(torchrun --standalone --nproc-per-node="$GPUS_PER_FOLD" -m tgs_salt)
+    else
+      launcher=("$PY" -m tgs_salt)
+    fi
+    (
+      for (( i = j; i < ${#FOLD_ARR[@]}; i += SLOTS )); do
+        f="${FOLD_ARR[i]}"
+        echo "== [train fold $f] GPUs $devs, log $LOG_DIR/train_fold$f.log" >&2
+        CUDA_VISIBLE_DEVICES="$devs" "${launcher[@]}" train "${TRAIN_ARGS[@]}" --fold "$f" \
+          > "$LOG_DIR/train_fold$f.log" 2>&1 || { echo "run_all: fold $f failed; see $LOG_DIR/train_fold$f.log" >&2; exit 1; }
+        echo "== [train fold $f] done: $(grep -o 'fold [0-9]* done: .*' "$LOG_DIR/train_fold$f.log" | tail -n 1)" >&2
+      done
+    ) &
+    pids+=($!)
   done
+  failed=""
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
   if [ -n "$failed" ]; then
     echo "run_all: stage 'train' failed; see $LOG_DIR/train_fold*.log" >&2; exit 1
   fi
@@ -149,5 +170,6 @@ if [ -n "$SUBMIT" ]; then
 fi
 CV="$(grep '^CV score:' "$LOG_DIR/cv.log" | tail -n 1)"
 [ -n "$SYNTHETIC" ] && echo "run_all: (synthetic demo data: scores are not competition scores)" >&2
+echo "run_all: done in $(( ($(date +%s) - TGS_JOB_START) / 60 )) min $(( ($(date +%s) - TGS_JOB_START) % 60 )) s after set-up" >&2
 echo "$CV"
 echo "$SUBMISSION"

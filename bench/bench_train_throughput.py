@@ -1,7 +1,12 @@
-"""Training throughput (images/s) of the competition model (smp U-Net ResNet34 + scSE) at 128 px:
-fp32 against channels_last + bf16 autocast, measured in one run on this machine.
+"""Training throughput of a config's model for every precision / memory-layout candidate, measured
+in one run on this machine: images/s, FLOP/s as a fraction of the machine's fp32 peak (a large
+fp32 matrix product, measured here), and what ``train.amp: auto`` / ``channels_last: auto`` pick.
 
-    python bench/bench_train_throughput.py [--device cpu|cuda] [--batch 32] [--steps 6]
+    python bench/bench_train_throughput.py [--config cpu_budget] [--device cpu|cuda] [--batch 32]
+
+FLOPs per image come from ``torch.utils.flop_counter`` (forward + backward of one training step).
+A reduced-precision candidate far behind fp32 (emulated bf16 on an AVX2-only CPU) is timed on a
+few images only, as the probe in training does.
 """
 
 import argparse
@@ -10,58 +15,82 @@ import time
 import torch
 from common import save
 
+from tgs_salt import hardware as H
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
 from tgs_salt.models import build_model
+from tgs_salt.transforms import Geometry, InputBuilder
 
 
-def measure(device, batch, steps, channels_last, amp, cfg, dtype=torch.bfloat16, compile_=False):
-    torch.manual_seed(0)
-    model = build_model(dict(cfg["model"], encoder_weights=None), 3).to(device)
-    mf = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=mf)
-    fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    x = torch.randn(batch, 3, 128, 128, device=device).contiguous(memory_format=mf)
-    y = (torch.rand(batch, 1, 101, 101, device=device) > 0.5).float()
-    loss_fn = get_loss("bce_dice")
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            out = fwd(x)
-        loss = loss_fn(out[..., 13:114, 13:114].float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(2 if not compile_ else 4):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def fp32_peak(device, n=2048, reps=10) -> float:
+    """FLOP/s of an n x n fp32 matrix product: what this machine's fp32 units deliver."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    H._sync(device)
     t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t)
+    for _ in range(reps):
+        a @ b
+    H._sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def train_flops_per_image(model, x, y, loss_fn, crop) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = model.train()
+    with FlopCounterMode(display=False) as fc:
+        loss = loss_fn(crop(m(x)).float(), y)
+        loss.backward()
+    m.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / len(x)
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--config", default="cpu_budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--config", default="competition")
+    p.add_argument("--batch", type=int, default=None, help="default: the config's train.batch_size")
     a = p.parse_args()
     device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     cfg = load_config(a.config)
-    fp32 = measure(device, a.batch, a.steps, False, False, cfg)
-    fast = measure(device, a.batch, a.steps, True, True, cfg)
-    result = {"model": f"{cfg['model']['arch']} {cfg['model']['encoder']} scse={cfg['model']['decoder_attention']}",
-              "device": str(device), "batch": a.batch, "input": "3x128x128",
-              "images_per_s_fp32": round(fp32, 1), "images_per_s_channels_last_bf16": round(fast, 1),
-              "speedup": round(fast / fp32, 2)}
-    save(f"train_throughput_{device.type}_{a.config}", result)
+    batch = a.batch or cfg["train"]["batch_size"]
+    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+    builder = InputBuilder(cfg["input"]["channels"], geo)
+    torch.manual_seed(0)
+    model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels).to(device)
+    x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to, device=device)
+    y = (torch.rand(batch, 1, geo.resize, geo.resize, device=device) > 0.5).float()
+    loss_fn = get_loss(cfg["train"]["stages"][0]["loss"])
+
+    flops = train_flops_per_image(model, x[:2], y[:2], loss_fn, geo.crop)
+    peak = fp32_peak(device)
+    timer = H.make_step_timer(model, x, y, loss_fn, geo.crop, device)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    every = {"amp": "auto", "amp_dtype": "auto", "channels_last": "auto"}
+    if device.type == "cuda":  # every candidate, not only what the rule would keep
+        dts = [None, "float16"] + (["bfloat16"] if cap >= (8, 0) else [])
+        cands = [(d, c) for d in dts for c in (False, True)]
+        rates = H.probe_cpu(cands, timer, batch, slow_factor=1e9)
+    else:
+        cands = H.candidates(every, device)
+        rates = H.probe_cpu(cands, timer, batch)
+    choice = H.choose(cfg["train"], device, lambda d, c, n: n / rates[H.candidate_name(d, c)], batch, cap)
+    best = max(rates.values())
+    result = {
+        "config": a.config, "model": f"{cfg['model']['arch']} {cfg['model']['encoder']}",
+        "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch,
+        "input": f"{builder.n_channels}x{geo.pad_to}x{geo.pad_to}",
+        "train_gflops_per_image": round(flops / 1e9, 3),
+        "fp32_peak_gflops": round(peak / 1e9, 1),
+        "candidates": {k: {"images_per_s": v, "fraction_of_fp32_peak": round(v * flops / peak, 3),
+                           "vs_fastest": round(v / best, 3)} for k, v in rates.items()},
+        "auto_choice": choice.name, "auto_vs_fastest": round(rates[choice.name] / best, 3),
+    }
+    kind = H.cpu_kind().split()[0].lower().replace("-", "") if device.type == "cpu" else "gpu"
+    save(f"train_throughput_{device.type}_{cfg['name']}_{kind}", result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from tgs_salt import hardware as H
+
+    flags = H.cpu_flags()
+    info = {"cpu": cpu, "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(flags),
+            "cpu_flags_of_note": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -31,6 +31,13 @@ def main():
         "train_seconds": round(sum(v["seconds"] for v in folds.values()), 1),
         "wall_seconds": a.wall_seconds,
     }
+    for extra in ("precision", "plan"):  # the measured precision choice and the time plan, when present
+        f = run / f"{extra}.json"
+        if f.exists():
+            result[extra] = json.loads(f.read_text())
+    sub = run / "submission.json"
+    if sub.exists():
+        result["submission"] = json.loads(sub.read_text())
     save(a.name, result)
 
 

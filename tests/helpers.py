@@ -10,6 +10,7 @@ TINY = {
     "input": {"channels": ["image", "depth", "row"], "resize": 101, "pad_to": 128},
     "augment": {"affine_p": 0.5, "brightness_contrast_p": 0.5},
     "train": {"batch_size": 8, "lr": 3e-3, "warmup_epochs": 0.5, "val_batch_size": 32,
+              "amp": False, "channels_last": False,  # fixed: two runs compared for equality must not probe
               "stages": [{"loss": "bce_dice", "epochs": 2}, {"loss": "lovasz", "epochs": 1}]},
     "folds": {"k": 3, "seed": 1, "train_folds": [0, 1]},
     "predict": {"batch_size": 16},

@@ -82,13 +82,20 @@ def test_bad_option(tmp_path):
 @pytest.mark.parametrize("gpus_per_fold", [1, 2])
 def test_parallel_folds_orchestration(first_run, tmp_path, gpus_per_fold):
     """Two 'GPUs' (TGS_GPUS; on this CPU machine each slot is a CPU process): with one GPU per fold,
-    folds 0 and 1 train at the same time; with two per fold, each fold is a torchrun group of 2."""
+    folds 0 and 1 train at the same time; with two per fold, each fold is a torchrun group of 2.
+    The inherited CUDA_VISIBLE_DEVICES=4,5 is respected: the slots get devices 4 and 5, not 0 and 1."""
     tmp, cfg, _ = first_run
     r = run_all(tmp, "--config", cfg, "--data-dir", tmp / "data", "--run-dir", tmp_path / "run",
-                "--gpus-per-fold", gpus_per_fold, extra_env={"TGS_GPUS": "2", "OMP_NUM_THREADS": "1"})
+                "--gpus-per-fold", gpus_per_fold,
+                extra_env={"TGS_GPUS": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "4,5"})
     assert r.returncode == 0, r.stderr[-4000:]
     slots = 2 // gpus_per_fold
     assert f"{slots} fold(s) at a time" in r.stderr
+    if gpus_per_fold == 1:
+        assert "[train fold 0] GPUs 4," in r.stderr and "[train fold 1] GPUs 5," in r.stderr
+    else:
+        assert "[train fold 0] GPUs 4,5," in r.stderr and "[train fold 1] GPUs 4,5," in r.stderr
+    assert "GPUs 0" not in r.stderr and "GPUs 1" not in r.stderr
     for k in (0, 1):
         log = (tmp_path / "run" / "logs" / f"train_fold{k}.log").read_text()
         assert "done" in log

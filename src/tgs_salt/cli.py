@@ -118,6 +118,19 @@ def cmd_submit(args) -> int:
     return submit_command(args)
 
 
+def device_type_command(name: str) -> int:
+    """For run_all.sh: print cpu or cuda for ``--device name``; a clear error (exit 2) when GPUs are
+    present that torch cannot use."""
+    from tgs_salt.hardware import resolve_device
+
+    try:
+        print(resolve_device(name).type)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,8 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on CPU, 6 on CUDA)")
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    s.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="plan the epochs so that the whole job (these folds, OOF, CV, prediction) fits in MINUTES "
+                        "(counted from $TGS_JOB_START when run_all.sh sets it); default: train.time_budget_minutes")
+    s.add_argument("--plan-only", action="store_true",
+                   help="choose the precision and make the time plan, then stop (run_all.sh before parallel folds)")
+    s.add_argument("--parallel-folds", type=int, default=1, metavar="N",
+                   help="folds the caller trains at the same time (for the time plan; default 1)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=0.0005 (repeatable)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("cv", help="cross-validation report from out-of-fold predictions")

@@ -62,9 +62,10 @@ DEFAULTS: dict[str, Any] = {
             {"loss": "lovasz", "epochs": 10, "lr": 5e-4},
         ],
         "early_stopping": None,         # epochs without val-metric gain before the stage ends
-        "amp": True,                    # bf16 autocast on CPU; bf16 (or fp16 + GradScaler) on CUDA
-        "amp_dtype": "bfloat16",        # bfloat16 | float16 (CUDA only)
-        "channels_last": True,
+        "amp": "auto",                  # auto | true | false: autocast (see hardware.py for how auto decides)
+        "amp_dtype": "auto",            # auto (bf16 on CPU and sm80+ GPUs, fp16 + GradScaler before) | bfloat16 | float16
+        "channels_last": "auto",        # auto (measured on CPU, on with CUDA) | true | false
+        "time_budget_minutes": None,    # plan the epochs so the whole job fits (stage proportions kept)
         "compile": False,
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
@@ -86,7 +87,9 @@ CHOICES = {
     ("input", "pad_mode"): ("reflect", "edge", "constant"),
     ("train", "optimizer"): ("adamw", "adam", "sgd"),
     ("train", "schedule"): ("cosine", "constant", "plateau"),
-    ("train", "amp_dtype"): ("bfloat16", "float16"),
+    ("train", "amp"): ("auto", True, False),
+    ("train", "amp_dtype"): ("auto", "bfloat16", "float16"),
+    ("train", "channels_last"): ("auto", True, False),
 }
 STAGE_KEYS = {"loss", "epochs", "lr"}
 
@@ -171,7 +174,8 @@ def validate(cfg: dict, where: str = "config") -> None:
     from tgs_salt.losses import LOSSES
 
     for (section, key), allowed in CHOICES.items():
-        _check(cfg[section][key] in allowed, f"{section}.{key} = {cfg[section][key]!r}; allowed: "
+        v = cfg[section][key]
+        _check(any(v == a and type(v) is type(a) for a in allowed), f"{section}.{key} = {cfg[section][key]!r}; allowed: "
                f"{', '.join(map(str, allowed))}", where)
     ch = cfg["input"]["channels"]
     _check(isinstance(ch, list) and ch and all(c in CHANNELS for c in ch),
@@ -194,6 +198,9 @@ def validate(cfg: dict, where: str = "config") -> None:
                f"{', '.join(LOSSES)}", where)
         _check(isinstance(st.get("epochs"), int) and st["epochs"] >= 1,
                f"train.stages[{i}].epochs = {st.get('epochs')!r}; a positive integer", where)
+    tb = t["time_budget_minutes"]
+    _check(tb is None or (isinstance(tb, (int, float)) and not isinstance(tb, bool) and tb > 0),
+           f"train.time_budget_minutes = {tb!r}; null or a positive number of minutes", where)
     es = t["early_stopping"]
     _check(es is None or (isinstance(es, int) and es >= 1), f"train.early_stopping = {es!r}; null or >= 1", where)
     f = cfg["folds"]

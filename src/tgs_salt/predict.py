@@ -16,7 +16,9 @@ from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
-from tgs_salt.train import amp_context, load_checkpoint, resolve_device
+from tgs_salt import hardware
+from tgs_salt.hardware import Precision, resolve_device
+from tgs_salt.train import load_checkpoint
 from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,14 @@ log = logging.getLogger(__name__)
 class FoldModel:
     """One trained fold: its model, input builder and config."""
 
-    def __init__(self, ckpt_path: Path, device: torch.device):
+    def __init__(self, ckpt_path: Path, device: torch.device, precision: Precision | None = None):
         from tgs_salt.models import build_model
 
         ck = load_checkpoint(ckpt_path)
+        if precision is None:  # the training run's choice on the same kind of device, else this device's rule
+            saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
+            precision = hardware.for_inference(saved, device)
+        self.precision = precision
         cfg = ck["config"]
         self.cfg = cfg
         geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
@@ -36,7 +42,7 @@ class FoldModel:
         model_cfg = dict(cfg["model"], encoder_weights=None)  # weights come from the checkpoint
         self.model = build_model(model_cfg, self.builder.n_channels)
         self.model.load_state_dict(ck["model"])
-        self.mf = torch.channels_last if cfg["train"]["channels_last"] else torch.contiguous_format
+        self.mf = precision.memory_format
         self.model = self.model.to(device=device, memory_format=self.mf).eval()
         self.device = device
 
@@ -46,7 +52,7 @@ class FoldModel:
         x = self.builder(images, depths).contiguous(memory_format=self.mf)
 
         def forward(inp):
-            with amp_context(self.device, self.cfg):
+            with self.precision.autocast(self.device):
                 return self.model(inp)
 
         p = hflip_tta(forward, x, tta=tta)

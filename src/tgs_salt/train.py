@@ -23,14 +23,16 @@ import numpy as np
 import torch
 import yaml
 
+from tgs_salt import budget as B
 from tgs_salt import config as C
-from tgs_salt import paths
+from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
-from tgs_salt.transforms import AugmentedArrays, Geometry, InputBuilder, build_augment, hflip_tta
+from tgs_salt.hardware import Precision, resolve_device  # noqa: F401  (resolve_device: re-exported)
+from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, Geometry, InputBuilder, build_augment, hflip_tta
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
@@ -42,14 +44,6 @@ class TrainingError(UserError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
     return Path(run_dir) / f"fold{fold}"
@@ -77,14 +71,6 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc}") from None
-
-
-def amp_context(device: torch.device, cfg: dict):
-    t = cfg["train"]
-    if not t["amp"]:
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if (device.type == "cuda" and t["amp_dtype"] == "float16") else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class LRController:
@@ -192,16 +178,16 @@ def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device, cfg: dict,
-                  tta: bool, batch_size: int) -> np.ndarray:
+def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
+                  precision: Precision, tta: bool, batch_size: int) -> np.ndarray:
     """Probabilities (N, 101, 101) float32 for uint8 images, in batches."""
     model.eval()
     geo = builder.geo
     out = np.empty((len(images), 101, 101), dtype=np.float32)
-    mf = torch.channels_last if cfg["train"]["channels_last"] else torch.contiguous_format
+    mf = precision.memory_format
 
     def forward(x):
-        with amp_context(device, cfg):
+        with precision.autocast(device):
             return model(x)
 
     with torch.inference_mode():
@@ -214,10 +200,10 @@ def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.n
     return out
 
 
-def evaluate(model, builder, data, idx, device, cfg, loss_fn, ctx: DistContext, tta: bool = False):
+def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: DistContext, tta: bool = False):
     """Validation loss, competition metric at the default threshold and pixel IoU, over all ranks."""
     mine = idx[ctx.rank::ctx.world]
-    probs = predict_probs(model, builder, data.images[mine], data.depths[mine], device, cfg, tta,
+    probs = predict_probs(model, builder, data.images[mine], data.depths[mine], device, precision, tta,
                           cfg["train"]["val_batch_size"])
     # loss on logits recovered from the probabilities at 101x101 (cheap, consistent across geometries)
     p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
@@ -243,10 +229,14 @@ def evaluate(model, builder, data, idx, device, cfg, loss_fn, ctx: DistContext, 
 
 def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
                resume: bool = False, workers: int = 0, stop_after: int | None = None,
-               ctx: DistContext | None = None) -> dict:
-    """Train one fold; returns the contents of its done.json."""
+               ctx: DistContext | None = None, precision: Precision | None = None) -> dict:
+    """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
+    (a time plan already applied); ``precision`` defaults to the config's rule (no probe)."""
     ctx = ctx or DistContext()
     t = cfg["train"]
+    if precision is None:
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        precision = hardware.rule_based(t, device, cap)
     fdir = fold_dir(run_dir, fold)
     last_path, best_path, log_path = fdir / "last.pt", fdir / "best.pt", fdir / "log.csv"
     if ctx.is_main:
@@ -271,11 +261,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.is_main:
             log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm")
-    mf = torch.channels_last if t["channels_last"] else torch.contiguous_format
+    mf = precision.memory_format
     model = model.to(device=device, memory_format=mf)
     optimizer = make_optimizer(model.parameters(), t)
-    scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and t["amp"]
-                                                   and t["amp_dtype"] == "float16"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
     lrc = LRController(cfg)
     n_epochs = C.total_epochs(cfg)
     start_epoch, best_metric, best_epoch, since_best, log_rows = 0, -1.0, -1, 0, []
@@ -306,8 +295,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     if t["batch_size"] % ctx.world:
         raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {ctx.world} processes")
     per_rank = min(t["batch_size"] // ctx.world, len(train_idx) // ctx.world)
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
+    sampler = EpochKeySampler(torch.utils.data.DistributedSampler(
+        ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True), len(ds))
     loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
                                          drop_last=True, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
@@ -315,18 +304,21 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
 
     epoch = start_epoch
     t_fold = time.time()
+    epoch_times: list[float] = []
     while epoch < n_epochs:
         stage = lrc.stage_of(epoch)
         loss_name = t["stages"][stage]["loss"]
         loss_fn = get_loss(loss_name)
-        sampler.set_epoch(epoch)
-        ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the epoch travels with each sample's key, into worker processes too
         model.train()
-        t0, loss_sum, seen = time.time(), 0.0, 0
+        t0, seen = time.time(), 0
+        loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step on CUDA
+        check_every = 1 if device.type == "cpu" else 50  # on CPU a sync costs nothing
         from tqdm import tqdm
 
         bar = tqdm(total=n_batches, desc=f"fold {fold} epoch {epoch + 1}/{n_epochs} {loss_name}",
                    disable=None if ctx.is_main else True, leave=False)
+        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main and bar.disable)
         for b, (img, mask, depth) in enumerate(loader):
             if b >= n_batches:
                 break
@@ -337,14 +329,9 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                 depth.to(device, non_blocking=True)
             x = builder(img, depth).contiguous(memory_format=mf)
             y = builder.target(mask)
-            with amp_context(device, cfg):
+            with precision.autocast(device):
                 out = fwd_model(x)
             loss = loss_fn(geo.crop(out).float(), y)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise TrainingError(f"fold {fold}: loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
-                                    f"({loss_name}, lr {lr:.2e}); training stopped, the last good checkpoint "
-                                    f"{last_path} stays. Lower train.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t["grad_clip"]:
@@ -352,17 +339,28 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.item() * len(img)
+            loss_acc += loss.detach() * len(img)
             seen += len(img)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.1e}")
+            if (b + 1) % check_every == 0 or b + 1 == n_batches:
+                mean = float(loss_acc) / seen
+                if not math.isfinite(mean):
+                    bar.close()
+                    kept = (f"the last good checkpoint {last_path} (epoch {start_epoch_of(last_path)}) stays"
+                            if last_path.exists() else "no checkpoint was written yet")
+                    raise TrainingError(f"fold {fold}: loss is {mean} at epoch {epoch + 1}, by batch {b + 1} "
+                                        f"({loss_name}, lr {lr:.2e}); training stopped, {kept}. Lower train.lr "
+                                        "or check the data")
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.1e}")
+                progress.update(b + 1, mean, seen)
             bar.update()
         bar.close()
+        loss_sum = float(loss_acc)
         train_seconds = time.time() - t0
         if ctx.enabled:  # the logged train loss covers every rank's images
             parts = all_gather_objects((loss_sum, seen), ctx)
             loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
         sync_buffers(model, ctx)
-        val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, loss_fn, ctx)
+        val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, precision, loss_fn, ctx)
         improved = metric > best_metric
         if improved:
             best_metric, best_epoch, since_best = metric, epoch, 0
@@ -387,15 +385,19 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         if ctx.is_main:
             if improved:
                 save_checkpoint({"model": model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
-                                 "metric": metric}, best_path)
+                                 "metric": metric, "device_type": device.type,
+                                 "precision": precision.to_dict()}, best_path)
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "lr_state": lrc.state_dict(), "epoch": next_epoch,
                              "best_metric": best_metric, "best_epoch": best_epoch, "since_best": since_best,
                              "rng_torch": torch.get_rng_state(), "config": cfg, "fold": fold}, last_path)
             _write_log(log_path, log_rows)
-            log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs",
-                     fold, epoch + 1, n_epochs, loss_name, loss_sum / max(seen, 1), val_loss, metric, iou,
-                     best_metric, time.time() - t0)
+            epoch_times.append(time.time() - t0)
+            left = (n_epochs - next_epoch) * float(np.mean(epoch_times[-5:]))
+            log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs, "
+                     "%.1f img/s; fold ETA %s", fold, epoch + 1, n_epochs, loss_name, loss_sum / max(seen, 1),
+                     val_loss, metric, iou, best_metric, epoch_times[-1], seen / max(train_seconds, 1e-9),
+                     _clock(time.time() + left))
         barrier(ctx)
         epoch = next_epoch
         if stop_after is not None and epoch >= stop_after and epoch < n_epochs:
@@ -415,11 +417,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     tta = cfg["predict"]["tta"]
-    _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg,
+    _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg, precision,
                                               get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
     done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
             "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
+            "precision": precision.name, "epochs_planned": n_epochs,
             "weights_sha1_per_rank": rank_digests}
     if ctx.is_main:
         with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
@@ -430,6 +433,37 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                  best_epoch + 1, metric_tta)
     barrier(ctx)
     return done
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def start_epoch_of(last_path: Path) -> str:
+    try:
+        return str(load_checkpoint(last_path)["epoch"])
+    except Exception:
+        return "?"
+
+
+class ProgressLog:
+    """When no progress bar shows (output is not a terminal): a log line every ``every`` seconds
+    within an epoch, with the loss, images/s and the epoch's ETA."""
+
+    def __init__(self, fold: int, epoch: int, n_epochs: int, n_batches: int, enabled: bool, every: float = 30.0):
+        self.fold, self.epoch, self.n_epochs, self.n_batches = fold, epoch, n_epochs, n_batches
+        self.enabled, self.every = enabled, every
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, loss: float, seen: int) -> None:
+        now = time.time()
+        if not self.enabled or now - self.last < self.every or done >= self.n_batches:
+            return
+        self.last = now
+        rate = done / (now - self.t0)
+        log.info("fold %d epoch %d/%d: batch %d/%d, loss %.4f, %.1f img/s, epoch ETA %s", self.fold,
+                 self.epoch + 1, self.n_epochs, done, self.n_batches, loss, seen / (now - self.t0),
+                 _clock(now + (self.n_batches - done) / max(rate, 1e-9)))
 
 
 def _read_log(path: Path) -> list[dict]:
@@ -467,16 +501,143 @@ def parse_folds(arg_fold, arg_folds, cfg) -> list[int]:
     return folds
 
 
+# ----------------------------------------------------------------------------- precision and time plan
+
+def precision_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "precision.json"
+
+
+def _device_facts(device: torch.device) -> dict:
+    facts = {"device_type": device.type, "cpu": hardware.cpu_name(), "cpu_kind": hardware.cpu_kind(),
+             "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["capability"] = list(torch.cuda.get_device_capability(device))
+    return facts
+
+
+def read_precision(run_dir: Path) -> dict | None:
+    p = precision_path(run_dir)
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_idx: np.ndarray,
+                    val_idx: np.ndarray, want_rates: bool) -> dict:
+    """The run's precision and layout (probed on CPU when the config says auto) and the measured
+    rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
+    device with the same settings."""
+    t = cfg["train"]
+    settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last")}
+    facts = _device_facts(device)
+    saved = read_precision(run_dir)
+    same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
+        and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates)
+    if same:
+        prec = Precision.from_dict(saved["precision"])
+        log.info("precision: %s (chosen before, %s; %s)", prec.name, prec.reason, precision_path(run_dir))
+        return saved
+
+    from tgs_salt.models import build_model
+
+    t0 = time.time()
+    torch.manual_seed(int(t["seed"]))
+    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+    builder = InputBuilder(cfg["input"]["channels"], geo)
+    model = build_model(cfg["model"], builder.n_channels).to(device)
+    batch = min(t["batch_size"], len(train_idx))
+    rows = train_idx[:batch]
+    x = builder(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
+    y = builder.target(torch.from_numpy(data.masks[rows]).to(device))
+    timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device)
+    cap = facts.get("capability")
+    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None)
+    train_rate = prec.rates.get(prec.name)
+    if want_rates and train_rate is None:
+        train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
+    out = {**facts, "settings": settings, "precision": prec.to_dict(), "train_rate": train_rate}
+    if want_rates:
+        vb = min(t["val_batch_size"], 64, len(val_idx))
+        vrows = val_idx[:vb]
+        xv = builder(torch.from_numpy(data.images[vrows]).to(device),
+                     torch.from_numpy(data.depths[vrows]).to(device))
+        out["eval_rate"] = round(hardware.time_inference(model, xv, prec, device), 2)
+        out["data_s_per_image"] = _augment_cost(cfg, data, train_idx)
+    out["probe_seconds"] = round(time.time() - t0, 1)
+    write_json_atomic(precision_path(run_dir), out)
+    rates = ", ".join(f"{k} {v:g}" for k, v in prec.rates.items()) or "not measured"
+    log.info("precision: %s (%s); training img/s: %s; probe took %.0f s", prec.name, prec.reason, rates,
+             out["probe_seconds"])
+    return out
+
+
+def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 64) -> float:
+    """Seconds per training image spent on augmentation and batching (the main process's share)."""
+    ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx],
+                         build_augment(cfg["augment"]), 0)
+    n = min(n, len(ds))
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    return round((time.perf_counter() - t0) / max(n, 1), 6)
+
+
+def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, *, n_train: int, n_val: int,
+               n_test: int, n_folds: int, n_models: int, world: int, job_start: float) -> dict:
+    """The run's time plan: read from ``plan.json``, or made from the measured rates and written."""
+    plan = B.read_plan(run_dir)
+    if plan is not None:
+        B.check_same_budget(plan, budget_min, run_dir)
+        log.info("following the time plan in %s: epochs per stage %s", B.plan_path(run_dir), plan["epochs"])
+        return plan
+    scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
+    costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
+                    n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
+                    tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale)
+    elapsed = time.time() - job_start
+    plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
+    plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
+                 "config_epochs": [s["epochs"] for s in cfg["train"]["stages"]], "costs": B.to_dict(costs),
+                 "precision": Precision.from_dict(rates["precision"]).name})
+    B.write_plan(run_dir, plan)
+    log.info(B.describe(plan))
+    return plan
+
+
+def job_start_time() -> float:
+    """When the job started: ``TGS_JOB_START`` (set by run_all.sh after set-up), else now."""
+    v = os.environ.get("TGS_JOB_START")
+    try:
+        return float(v) if v else time.time()
+    except ValueError:
+        raise UserError(f"TGS_JOB_START={v!r}: expected seconds since the epoch (date +%s)") from None
+
+
+def count_test_images(data_dir: Path) -> int:
+    d = Path(data_dir) / "test" / "images"
+    return sum(1 for _ in d.glob("*.png")) if d.is_dir() else 0
+
+
 def train_command(args) -> int:
     from tgs_salt.data import load_train
     from tgs_salt.data.folds import folds_for
+    from tgs_salt.report import expected_folds
 
+    job_start = job_start_time()
     cfg = C.load_config(args.config, args.set)
+    budget_min = args.time_budget if args.time_budget is not None else cfg["train"]["time_budget_minutes"]
+    if budget_min is not None and not budget_min > 0:
+        raise UserError(f"--time-budget {budget_min}: a positive number of minutes")
+    parallel = max(1, args.parallel_folds or 1)
     device = resolve_device(args.device)
     ctx = init_distributed(device.type)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -492,12 +653,40 @@ def train_command(args) -> int:
         if ctx.is_main:
             prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
         barrier(ctx)
+        pending = [f for f in folds_to_train if args.force or not is_done(run_dir, f)]
+
+        # precision (probed once per run on CPU) and the time plan, made by the main process
+        train_cfg, precision = cfg, None
+        if pending or args.plan_only:
+            first = pending[0] if pending else folds_to_train[0]
+            tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
+            need_plan = budget_min is not None and B.read_plan(run_dir) is None
+            if ctx.is_main:
+                info = setup_precision(run_dir, cfg, device, data, tr, va, want_rates=need_plan)
+            barrier(ctx)
+            info = read_precision(run_dir) if not ctx.is_main else info
+            precision = Precision.from_dict(info["precision"])
+            if budget_min is not None:
+                if ctx.is_main:
+                    per_epoch = len(tr) // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
+                    if cfg["train"]["max_train_batches"]:
+                        per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
+                    setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
+                               n_test=count_test_images(data_dir), n_folds=-(-max(len(pending), 1) // parallel),
+                               n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start)
+                barrier(ctx)
+                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)["epochs"])
+        if args.plan_only:
+            if ctx.is_main:
+                print(run_dir)
+            return 0
+
         stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
         workers = args.workers if args.workers is not None else (
             min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
         for fold in folds_to_train:
             fdir = fold_dir(run_dir, fold)
-            if is_done(run_dir, fold) and not args.force:
+            if fold not in pending:
                 if ctx.is_main:
                     log.info("fold %d is complete in %s: skipped (--force retrains)", fold, fdir)
                 continue
@@ -505,8 +694,9 @@ def train_command(args) -> int:
                 for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
                     (fdir / f).unlink(missing_ok=True)
             barrier(ctx)
-            train_fold(cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                       workers=workers, ctx=ctx, stop_after=int(stop_after) if stop_after else None)
+            train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
+                       workers=workers, ctx=ctx, precision=precision,
+                       stop_after=int(stop_after) if stop_after else None)
     finally:
         shutdown(ctx)
     if ctx.is_main:

@@ -88,8 +88,9 @@ class InputBuilder:
         return t
 
 
-def build_augment(a: dict, strict: bool = False):
-    """Albumentations pipeline on the 101x101 uint8 image and mask (None when all off)."""
+def build_augment(a: dict, strict: bool = False, record: bool = False):
+    """Albumentations pipeline on the 101x101 uint8 image and mask (None when all off).
+    ``record`` lists the transforms that fired in each result's ``applied_transforms``."""
     import albumentations as A
     import cv2
 
@@ -107,34 +108,68 @@ def build_augment(a: dict, strict: bool = False):
                                               p=a["brightness_contrast_p"]))
     if not ops:
         return None
-    return A.Compose(ops, strict=strict, seed=0)
+    return A.Compose(ops, strict=strict, seed=0, save_applied_params=record)
+
+
+def seed_augment(augment, seed: int, epoch: int, index: int) -> None:
+    """Seed ``augment`` (an albumentations Compose) for sample ``index`` of ``epoch``.
+
+    Each transform gets its own generator from SeedSequence((seed, epoch, index)). Compose's own
+    ``set_random_seed`` gives every child the *same* seed, so that with equal probabilities all
+    transforms fire together or not at all (measured: only the patterns all-off and all-on occur).
+    """
+    transforms = list(augment.transforms)
+    states = np.random.SeedSequence([seed, epoch, index]).generate_state(len(transforms) + 1)
+    augment.set_random_seed(int(states[0]))  # the Compose's own draws (and, for now, every child's)
+    for t, s in zip(transforms, states[1:]):
+        t.set_random_seed(int(s))          # then one independent stream per transform
 
 
 class AugmentedArrays(torch.utils.data.Dataset):
     """In-memory (images, masks, depths) with per-sample-seeded augmentation.
 
-    Sample ``i`` in epoch ``e`` is augmented with seed (seed, e, i): the same whatever the
-    worker count, rank or resume point.
+    The key of an item is ``epoch * len(self) + i`` (see :class:`EpochKeySampler`): sample ``i`` of
+    epoch ``e`` is augmented with seed (seed, e, i), the same whatever the worker count, rank or
+    resume point. The epoch travels with the key because DataLoader workers hold their own copy of
+    the dataset (persistent workers keep it for the whole run), so an attribute set on the
+    main process's copy would never reach them. A key below ``len(self)`` is sample ``key`` of epoch 0.
     """
 
     def __init__(self, images, masks, depths, augment=None, seed: int = 0):
         self.images, self.masks, self.depths = images, masks, depths
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.augment, self.seed = augment, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), len(self))
         img, mask = self.images[i], self.masks[i]
         if self.augment is not None:
-            self.augment.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+            seed_augment(self.augment, self.seed, epoch, i)
             out = self.augment(image=img, mask=mask.astype(np.uint8))
             img, mask = out["image"], out["mask"].astype(bool)
         return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(mask)), \
             torch.tensor(self.depths[i], dtype=torch.float32)
+
+
+class EpochKeySampler(torch.utils.data.Sampler):
+    """Wraps an index sampler (e.g. DistributedSampler) so that it yields ``epoch * n + i``."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n, self.epoch = sampler, n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        base = self.epoch * self.n
+        return (base + int(i) for i in self.sampler)
 
 
 def hflip_tta(forward, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
