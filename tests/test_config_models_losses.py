@@ -37,7 +37,7 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"optimizer": "lion"}}, "adamw"),
     ({"input": {"channels": ["image", "colour"]}}, "image_x_row"),
     ({"input": {"pad_to": 100}}, "multiple of 32"),
-    ({"augment": {"hflip": 2}}, "probability"),
+    ({"augment": {"hflip": 2}}, "augment.hflip = 2; a number >= 0 and <= 1"),
 ])
 def test_bad_values_name_the_choices(tmp_path, body, needle):
     with pytest.raises(UserError) as e:

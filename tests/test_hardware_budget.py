@@ -232,11 +232,12 @@ def test_plan_arithmetic():
     # epoch: 2400/12 + 600/40 + 1 = 216 s; fixed: 600*2/40 + 3 (OOF) + 1000*2/40 (predict) + 25 = 108 s
     assert costs.epoch_s == pytest.approx(216.0) and costs.fixed_s == pytest.approx(108.0)
     plan = B.plan_epochs(3600, 60, costs, [36, 24])
-    # (3600 * 0.97 - 60 - 108) / 216 = 15.39 -> 15 epochs, 9 + 6
-    assert plan["epochs"] == [9, 6]
-    assert plan["total_s"] == pytest.approx(60 + 15 * 216 + 108)
+    # (3600 * 0.985 - 60 - 108) / 216 = 15.64 -> 16 epochs (nearest), 10 + 6
+    assert plan["epochs"] == [10, 6]
+    assert plan["total_s"] == pytest.approx(60 + 16 * 216 + 108)
     two = B.plan_epochs(3600, 60, B.Costs(**{**B.to_dict(costs), "n_folds": 2, "n_models": 2}), [36, 24])
-    assert sum(two["epochs"]) == 7  # (3492 - 60 - 231) / 432 = 7.4
+    # two folds (and two models to predict with): fixed 2 * 33 + 100 + 25 = 191 s; (3546 - 60 - 191) / 432 = 7.6
+    assert two["fixed_s"] == pytest.approx(191.0) and sum(two["epochs"]) == 8
     with pytest.raises(UserError) as e:
         B.plan_epochs(300, 60, costs, [36, 24])
     assert "too small" in str(e.value) and "min" in str(e.value)

@@ -52,7 +52,12 @@ def test_random_round_trips():
     ("10 5 3 2", "sorted"),
     ("10 5 12 2", "overlap"),
     ("10200 5", "past"),
-    ("1 x", "non-integer"),
+    ("1 x", "not a non-negative integer"),
+    ("1_0 5", "not a non-negative integer"),   # int() takes it, Kaggle does not
+    ("+1 5", "not a non-negative integer"),
+    ("-1 5", "not a non-negative integer"),
+    ("1 \u0662", "not a non-negative integer"),  # an Arabic-Indic digit: str.isdigit() says yes
+    ("12345678901234567890 1", "far past"),     # overflowed int64 before
 ])
 def test_problems_are_named(rle, needle):
     problems = rle_problems(rle)

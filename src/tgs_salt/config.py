@@ -93,6 +93,72 @@ CHOICES = {
 }
 STAGE_KEYS = {"loss", "epochs", "lr"}
 
+# Every scalar key: (kind, low, high, nullable); low/high are inclusive bounds, "(" marks an
+# exclusive low. Floats are also accepted as YAML strings such as 5e-4 (YAML 1.1 reads them as text).
+INF = float("inf")
+SCALARS: dict[tuple[str, str], tuple] = {
+    ("model", "base_channels"): (int, 1, 1024, False),
+    ("input", "resize"): (int, 101, 1024, False),
+    ("input", "pad_to"): (int, 32, 1024, False),
+    ("augment", "hflip"): (float, 0, 1, False),
+    ("augment", "vflip"): (float, 0, 1, False),
+    ("augment", "affine_p"): (float, 0, 1, False),
+    ("augment", "shift"): (float, 0, 0.5, False),
+    ("augment", "scale"): (float, 0, 0.9, False),
+    ("augment", "rotate"): (float, 0, 180, False),
+    ("augment", "brightness_contrast_p"): (float, 0, 1, False),
+    ("augment", "brightness"): (float, 0, 1, False),
+    ("augment", "contrast"): (float, 0, 1, False),
+    ("train", "batch_size"): (int, 1, 1 << 16, False),
+    ("train", "val_batch_size"): (int, 1, 1 << 16, False),
+    ("train", "lr"): (float, "(0", 10, False),
+    ("train", "weight_decay"): (float, 0, 10, False),
+    ("train", "momentum"): (float, 0, 1, False),
+    ("train", "warmup_epochs"): (float, 0, 1e6, False),
+    ("train", "min_lr_ratio"): (float, 0, 1, False),
+    ("train", "plateau_patience"): (int, 1, 1 << 20, False),
+    ("train", "plateau_factor"): (float, "(0", 1, False),
+    ("train", "early_stopping"): (int, 1, 1 << 20, True),
+    ("train", "time_budget_minutes"): (float, "(0", 1e6, True),
+    ("train", "compile"): (bool, None, None, False),
+    ("train", "sync_bn"): (bool, None, None, False),
+    ("train", "grad_clip"): (float, "(0", 1e9, True),
+    ("train", "seed"): (int, 0, 2**32 - 1, False),
+    ("train", "max_train_batches"): (int, 1, 1 << 30, True),
+    ("folds", "k"): (int, 2, 1000, False),
+    ("folds", "seed"): (int, 0, 2**32 - 1, False),
+    ("predict", "tta"): (bool, None, None, False),
+    ("predict", "batch_size"): (int, 1, 1 << 16, False),
+    ("postprocess", "default_threshold"): (float, "(0", 1, False),
+}
+_FLOAT_TEXT = __import__("re").compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _yaml_word(a) -> str:
+    return {True: "true", False: "false", None: "null"}.get(a, str(a)) if not isinstance(a, str) else a
+
+
+def _scalar(value, spec: tuple, name: str, where: str):
+    """``value`` checked against ``spec`` (see SCALARS); returns it, floats coerced from text."""
+    kind, low, high, nullable = spec
+    if value is None and nullable:
+        return None
+    if kind is bool:
+        _check(isinstance(value, bool), f"{name} = {value!r}; true or false", where)
+        return value
+    if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    ok_type = ok_type and not isinstance(value, bool)
+    exclusive = isinstance(low, str)
+    lo = float(low[1:]) if exclusive else low
+    in_range = ok_type and value == value and (value > lo if exclusive else value >= lo) and value <= high
+    what = "an integer" if kind is int else "a number"
+    fmt = (lambda x: str(int(x))) if kind is int else (lambda x: f"{x:g}")
+    rng = f"{'>' if exclusive else '>='} {fmt(lo)} and <= {fmt(high)}"
+    _check(in_range, f"{name} = {value!r}; {what} {rng}{' (or null)' if nullable else ''}", where)
+    return float(value) if kind is float else value
+
 
 def _merge(base: dict, override: dict, where: str) -> dict:
     out = copy.deepcopy(base)
@@ -125,7 +191,7 @@ def parse_overrides(items: list[str]) -> dict:
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.0005")
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
@@ -176,7 +242,9 @@ def validate(cfg: dict, where: str = "config") -> None:
     for (section, key), allowed in CHOICES.items():
         v = cfg[section][key]
         _check(any(v == a and type(v) is type(a) for a in allowed), f"{section}.{key} = {cfg[section][key]!r}; allowed: "
-               f"{', '.join(map(str, allowed))}", where)
+               f"{', '.join(_yaml_word(a) for a in allowed)}", where)
+    for (section, key), spec in SCALARS.items():
+        cfg[section][key] = _scalar(cfg[section][key], spec, f"{section}.{key}", where)
     ch = cfg["input"]["channels"]
     _check(isinstance(ch, list) and ch and all(c in CHANNELS for c in ch),
            f"input.channels = {ch!r}; a non-empty list of {', '.join(CHANNELS)}", where)
@@ -185,9 +253,6 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(isinstance(p, int) and p >= r and p % 32 == 0,
            f"input.pad_to = {p!r}; a multiple of 32 and >= input.resize ({r})", where)
     t = cfg["train"]
-    for key in ("batch_size", "val_batch_size"):
-        _check(isinstance(t[key], int) and t[key] >= 1, f"train.{key} = {t[key]!r}; a positive integer", where)
-    _check(isinstance(t["lr"], (int, float)) and t["lr"] > 0, f"train.lr = {t['lr']!r}; a positive number", where)
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
     for i, st in enumerate(t["stages"]):
         _check(isinstance(st, dict), f"train.stages[{i}] must be a mapping", where)
@@ -196,21 +261,28 @@ def validate(cfg: dict, where: str = "config") -> None:
                f"{', '.join(sorted(STAGE_KEYS))}", where)
         _check(st.get("loss") in LOSSES, f"train.stages[{i}].loss = {st.get('loss')!r}; allowed: "
                f"{', '.join(LOSSES)}", where)
-        _check(isinstance(st.get("epochs"), int) and st["epochs"] >= 1,
+        _check(isinstance(st.get("epochs"), int) and not isinstance(st.get("epochs"), bool) and st["epochs"] >= 1,
                f"train.stages[{i}].epochs = {st.get('epochs')!r}; a positive integer", where)
-    tb = t["time_budget_minutes"]
-    _check(tb is None or (isinstance(tb, (int, float)) and not isinstance(tb, bool) and tb > 0),
-           f"train.time_budget_minutes = {tb!r}; null or a positive number of minutes", where)
-    es = t["early_stopping"]
-    _check(es is None or (isinstance(es, int) and es >= 1), f"train.early_stopping = {es!r}; null or >= 1", where)
+        if "lr" in st:
+            st["lr"] = _scalar(st["lr"], SCALARS[("train", "lr")], f"train.stages[{i}].lr", where)
     f = cfg["folds"]
-    _check(isinstance(f["k"], int) and f["k"] >= 2, f"folds.k = {f['k']!r}; an integer >= 2", where)
+    tf = f["train_folds"]
+    _check(tf is None or (isinstance(tf, list) and tf and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < f["k"] for x in tf)),
+        f"folds.train_folds = {tf!r}; null or a non-empty list of folds in 0..{f['k'] - 1}", where)
+    _check(f["file"] is None or isinstance(f["file"], str), f"folds.file = {f['file']!r}; null or a file name",
+           where)
+    ma = cfg["postprocess"]["min_areas"]
+    _check(isinstance(ma, list) and ma and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 10201
+                                               for x in ma),
+           f"postprocess.min_areas = {ma!r}; a non-empty list of pixel counts 0..10201", where)
+    dc = cfg["model"]["decoder_channels"]
+    _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dc),
+           f"model.decoder_channels = {dc!r}; a list of positive integers", where)
     th = cfg["postprocess"]["thresholds"]
-    _check(isinstance(th, list) and len(th) == 3 and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,
+    _check(isinstance(th, list) and len(th) == 3 and all(isinstance(x, (int, float)) for x in th)
+           and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,
            f"postprocess.thresholds = {th!r}; [start, stop, count] with 0 < start < stop < 1", where)
-    for a in ("hflip", "vflip", "affine_p", "brightness_contrast_p"):
-        v = cfg["augment"][a]
-        _check(isinstance(v, (int, float)) and 0 <= v <= 1, f"augment.{a} = {v!r}; a probability in [0, 1]", where)
     from tgs_salt.models import check_model_config
 
     check_model_config(cfg["model"], where)

@@ -12,7 +12,7 @@ import torch
 
 from tgs_salt import paths
 from tgs_salt.errors import UserError
-from tgs_salt.io_utils import atomic_path, write_json_atomic
+from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
@@ -97,6 +97,20 @@ def predict_command(args) -> int:
     from tgs_salt.data import load_test
 
     run_dirs = [Path(p) for p in args.run_dir]
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: a positive number of images")
+    for r in run_dirs:
+        read_run(r)  # a clear error for a directory that is not a training run
+    out_dir = output_dir(run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / ".predict.lock", f"prediction for {out_dir}"):
+        remove_stale_temps(out_dir)
+        return _predict(args, run_dirs, out_dir)
+
+
+def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
+    from tgs_salt.data import load_test
+
     weights = parse_weights(args.weights, len(run_dirs))
     device = resolve_device(args.device)
     if args.threads:
@@ -119,20 +133,24 @@ def predict_command(args) -> int:
     t0 = time.time()
     probs = predict_test(ensemble, weights, test.images, test.depths, device, batch, cfg["predict"]["tta"])
     seconds = time.time() - t0
+    log.info("precision: %s", ", ".join(sorted({m.precision.name for ms, _ in ensemble for m in ms})))
     log.info("predicted %d test images with %d models x %s TTA in %.1fs (%.0f images/s)", len(test), n_models,
              "2" if cfg["predict"]["tta"] else "1", seconds, len(test) / max(seconds, 1e-9))
 
-    out_dir = output_dir(run_dirs)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "test_probs.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, ids=test.ids, probs=probs)
     masks = apply(probs, pp, test.images)
     name = out_dir.name
     sub_path = Path(args.out) if args.out else paths.submissions_dir() / f"{name}.csv"
-    write_submission(sub_path, test.ids, masks)
-    v = validate_submission(sub_path, sample)
-    if not v.ok:
-        raise UserError(f"the written submission {sub_path} does not validate: {v.problems[0]}")
+    remove_stale_temps(sub_path.parent)
+    # validated before it takes the final name; the old record goes first, so a record never
+    # describes another file than the one at its path
+    with atomic_path(sub_path, suffix=".csv") as tmp:
+        write_submission(tmp, test.ids, masks)
+        v = validate_submission(tmp, sample)
+        if not v.ok:
+            raise UserError(f"the submission for {sub_path} does not validate ({v.problems[0]}); nothing written")
+        (out_dir / "submission.json").unlink(missing_ok=True)
     write_json_atomic(out_dir / "submission.json", {
         "submission": str(sub_path), "rows": v.rows, "non_empty": v.non_empty, "postprocess": pp.to_dict(),
         "cv_score": round(sweep["score_tuned"], 6), "runs": [str(r) for r in run_dirs],

@@ -6,9 +6,12 @@ Column-major order (top to bottom, then left to right), 1-indexed start, pairs o
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 SHAPE = (101, 101)
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -33,11 +36,14 @@ def rle_problems(rle: str, shape: tuple[int, int] = SHAPE) -> list[str]:
     if not text:
         return []
     tokens = text.split()
-    try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-        return [f"non-integer token {bad!r}"]
+    # ASCII digits only: Python's int() also takes "+1", "1_0" and other scripts' digits, Kaggle does not
+    bad = next((t for t in tokens if not _DIGITS.fullmatch(t)), None)
+    if bad is not None:
+        return [f"token {bad[:30]!r} is not a non-negative integer"]
+    big = next((t for t in tokens if len(t) > 12), None)
+    if big is not None:
+        return [f"number {big[:30]}{'...' if len(big) > 30 else ''} is far past the {shape[0]}x{shape[1]} image"]
+    values = np.array([int(t) for t in tokens], dtype=np.int64)
     if values.size % 2:
         return [f"odd number of values ({values.size}): RLE is pairs of start and length"]
     starts, lengths = values[0::2], values[1::2]

@@ -44,7 +44,7 @@ def read_rle_csv(path: str | os.PathLike, what: str = "submission") -> tuple[lis
     ids: list[str] = []
     rles: list[str] = []
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a UTF-8 BOM is accepted, as by the data reader
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None:
@@ -97,6 +97,15 @@ def validate_submission(path: str | os.PathLike, sample: str | os.PathLike) -> V
     return Validation(rows=len(ids), non_empty=sum(bool(r) for r in rles), problems=problems)
 
 
+def _first_duplicate(items: list[str]) -> str | None:
+    seen: set[str] = set()
+    for i in items:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
 def score_submission(path: str | os.PathLike, truth: str | os.PathLike) -> tuple[float, int]:
     """Competition score of a submission against a truth CSV (such as train.csv)."""
     ids, rles, problems = read_rle_csv(path)
@@ -105,6 +114,12 @@ def score_submission(path: str | os.PathLike, truth: str | os.PathLike) -> tuple
         raise UserError(f"submission {path}: {problems[0]}")
     if t_problems:
         raise UserError(f"truth {truth}: {t_problems[0]}")
+    if not t_ids:
+        raise UserError(f"truth {truth} has a header but no rows: nothing to score")
+    for what, src, lst in (("submission", path, ids), ("truth", truth, t_ids)):
+        dup = _first_duplicate(lst)
+        if dup is not None:
+            raise UserError(f"{what} {src}: id {dup} appears more than once")
     pred_by_id = dict(zip(ids, rles))
     missing = [i for i in t_ids if i not in pred_by_id]
     if missing:

@@ -9,6 +9,7 @@ removed, as it only serves to resume an unfinished fold).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -28,7 +29,7 @@ from tgs_salt import config as C
 from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
-from tgs_salt.io_utils import atomic_path, write_json_atomic, write_text_atomic
+from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
 from tgs_salt.hardware import Precision, resolve_device  # noqa: F401  (resolve_device: re-exported)
@@ -62,8 +63,20 @@ def git_commit() -> str | None:
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
+    need = sum(v.numel() * v.element_size() for part in ("model", "optimizer") if isinstance(obj.get(part), dict)
+               for v in _tensors(obj[part]))
+    with atomic_path(path, suffix=".pt", need_bytes=need) as tmp:
         torch.save(obj, tmp)
+
+
+def _tensors(d):
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from _tensors(v)
+        elif isinstance(v, list):
+            yield from _tensors(dict(enumerate(v)))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -136,6 +149,7 @@ def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
 def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, force: bool) -> None:
     """Write (or check) the resolved config and the run's facts; refuse silent changes."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
     cfg_path = run_dir / "config.yaml"
     text = C.dump(cfg)
     if cfg_path.exists() and not force:
@@ -241,6 +255,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     last_path, best_path, log_path = fdir / "last.pt", fdir / "best.pt", fdir / "log.csv"
     if ctx.is_main:
         fdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(fdir)
     if last_path.exists() and not resume:
         raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
 
@@ -690,13 +705,17 @@ def train_command(args) -> int:
                 if ctx.is_main:
                     log.info("fold %d is complete in %s: skipped (--force retrains)", fold, fdir)
                 continue
-            if args.force and ctx.is_main:
-                for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
-                    (fdir / f).unlink(missing_ok=True)
-            barrier(ctx)
-            train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                       workers=workers, ctx=ctx, precision=precision,
-                       stop_after=int(stop_after) if stop_after else None)
+            # one trainer per fold: a second process (or a second --resume) is refused, naming the first
+            lock = exclusive_lock(fdir / ".lock", f"fold {fold} of {run_dir}") if ctx.is_main \
+                else contextlib.nullcontext()
+            with lock:
+                if args.force and ctx.is_main:
+                    for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
+                        (fdir / f).unlink(missing_ok=True)
+                barrier(ctx)
+                train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
+                           workers=workers, ctx=ctx, precision=precision,
+                           stop_after=int(stop_after) if stop_after else None)
     finally:
         shutdown(ctx)
     if ctx.is_main:

@@ -23,7 +23,7 @@ import numpy as np
 
 from tgs_salt import paths
 from tgs_salt.errors import UserError
-from tgs_salt.io_utils import atomic_path
+from tgs_salt.io_utils import atomic_path, remove_stale_temps
 from tgs_salt.rle import SHAPE, rle_decode, rle_problems
 
 if TYPE_CHECKING:
@@ -98,13 +98,18 @@ def read_csv_ids(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def read_depths(data_dir: Path) -> dict[str, float]:
+    import pandas as pd
+
     df = read_csv_ids(Path(data_dir) / "depths.csv", ("id", "z"))
-    try:
-        z = df["z"].astype(float)
-    except ValueError:
-        bad = df.loc[~df["z"].str.strip().str.match(r"^-?[0-9.]+$"), "id"].iloc[0]
-        raise UserError(f"{data_dir}/depths.csv: id {bad} has a non-numeric depth") from None
-    return dict(zip(df["id"], z))
+    text = df["z"].str.strip()
+    number = text.str.fullmatch(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+    z = pd.to_numeric(text.where(number), errors="coerce")
+    bad = ~number | ~np.isfinite(z)  # nan, inf, 1.2.3, 1e999: a NaN depth would poison training quietly
+    if bad.any():
+        k = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{data_dir}/depths.csv: id {df['id'].iloc[k]} has depth {df['z'].iloc[k]!r}, "
+                        "not a finite number")
+    return dict(zip(df["id"], z.astype(float)))
 
 
 def read_image(path: Path, kind: str, image_id: str) -> np.ndarray:
@@ -112,6 +117,8 @@ def read_image(path: Path, kind: str, image_id: str) -> np.ndarray:
 
     if not path.exists():
         raise UserError(f"{kind} {image_id}: file {path} is missing")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{kind} {image_id}: {path} is not readable (permission denied)")
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise UserError(f"{kind} {image_id}: {path} is not a readable PNG (corrupt or empty file)")
@@ -139,8 +146,12 @@ def read_mask(path: Path, image_id: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- cache
 
 def _signature(files: list[Path], extra: list[Path]) -> str:
+    """Cache key: the CSVs' contents (hashed: a few MB) and each PNG's name, size and mtime."""
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
-    for f in list(extra) + list(files):
+    for f in extra:
+        h.update(f"{f.name}:".encode())
+        h.update(hashlib.sha1(f.read_bytes()).digest())
+    for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -163,7 +174,8 @@ def _load_cached(cache: Path) -> dict | None:
 
 
 def _save_cache(cache: Path, arrays: dict) -> None:
-    # Remove stale caches of the same folder and part, then write atomically.
+    # Remove stale caches of the same folder and part (and temporaries of killed writers), then write atomically.
+    remove_stale_temps(cache.parent)
     for old in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.npz") if cache.parent.exists() else []:
         if old != cache:
             old.unlink(missing_ok=True)
@@ -196,6 +208,8 @@ def load_train(data_dir: str | os.PathLike | None = None, use_cache: bool = True
         return TrainSet(z["ids"], z["images"], z["masks"], z["depths"])
 
     df = read_csv_ids(data_dir / "train.csv", ("id", "rle_mask"))
+    if df.empty:
+        raise UserError(f"{data_dir}/train.csv has a header but no rows: no training images")
     depths = read_depths(data_dir)
     ids = df["id"].to_numpy()
     _require_files_and_depths(ids, "train.csv", "train", {"image": img_files, "mask": mask_files}, depths,
