@@ -46,7 +46,8 @@ def test_ddp_fold_matches_single_process(synth_dir, tmp_path):
     assert r1.returncode == 0, r1.stderr[-4000:]
 
     fd = ddp_dir / "fold0"
-    assert sorted(p.name for p in fd.iterdir()) == ["best.pt", "done.json", "log.csv", "oof.npz"]
+    assert sorted(p.name for p in fd.iterdir() if not p.name.startswith(".")) == ["best.pt", "done.json", "log.csv",
+                                                                                 "oof.npz"]  # .lock: the trainer lock
     assert len((fd / "log.csv").read_text().strip().splitlines()) == 1 + 1   # one writer, no duplicate rows
     done = json.loads((fd / "done.json").read_text())
     assert done["world_size"] == 2

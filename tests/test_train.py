@@ -153,7 +153,7 @@ def test_cv_report(trained, synth_dir):
     assert 0 <= out["score"] <= 1 and set(out["per_fold"]) == {"0", "1"}
     assert len(out["per_coverage"]) == 11 and sum(b["n"] for b in out["per_coverage"]) == out["n_images"]
     assert "CV score:" in r.stdout
-    for png in ("score_vs_threshold", "score_by_coverage", "pixel_pr_curve", "training_curves",
+    for png in ("score_vs_threshold", "score_by_coverage", "empty_decision", "training_curves",
                 "worst_predictions"):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
 

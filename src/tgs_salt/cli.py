@@ -119,6 +119,12 @@ def cmd_submit(args) -> int:
     return submit_command(args)
 
 
+def cmd_runs(args) -> int:
+    from tgs_salt.runs import runs_command
+
+    return runs_command(args)
+
+
 def device_type_command(name: str) -> int:
     """For run_all.sh: print cpu or cuda for ``--device name``; a clear error (exit 2) when GPUs are
     present that torch cannot use."""
@@ -128,6 +134,10 @@ def device_type_command(name: str) -> int:
         print(resolve_device(name).type)
         return 0
     except UserError as exc:
+        if args.verbose:  # -v: the traceback too, for a bug report
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
@@ -223,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("runs", help="compare runs: one row per run directory (CV, changed keys, time, precision)")
+    s.add_argument("dir", nargs="?", help="a directory of runs, or one run (default: $TGS_RUNS_DIR or runs/)")
+    s.set_defaults(func=cmd_runs)
+
     s = sub.add_parser("submit", help="validate and submit a CSV to Kaggle")
     s.add_argument("submission")
     s.add_argument("-m", "--message", required=True)
@@ -247,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
+        if args.verbose:  # -v: the traceback too, for a bug report
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -36,7 +36,8 @@ def submissions_dir() -> Path:
 
 
 def configs_dir() -> Path:
-    return REPO_ROOT / "configs"
+    """The shipped configs: package data (``configs/`` at the repository root links here)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def shared_data_dir() -> Path:

@@ -169,6 +169,18 @@ def _savefig(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def machine_label(run_dir: Path) -> str:
+    """Which machine a run's figures came from (CPU kind or GPU, and the precision used)."""
+    try:
+        p = json.loads((Path(run_dir) / "precision.json").read_text())
+    except (OSError, ValueError):
+        return "machine not recorded"
+    from tgs_salt.hardware import Precision
+
+    where = p.get("gpu") or f"{p.get('cpu', 'CPU')} ({p.get('cpu_kind', '?')}, {p.get('threads', '?')} threads)"
+    return f"{where}, {Precision.from_dict(p['precision']).name}"
+
+
 def make_plots(out: Path, run_dirs, sweep, result, probs, truth, images, pred, scores, ids) -> None:
     import matplotlib
 
@@ -176,18 +188,22 @@ def make_plots(out: Path, run_dirs, sweep, result, probs, truth, images, pred, s
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    # score against threshold
-    fig, ax = plt.subplots(figsize=(6, 4))
+    machine = machine_label(run_dirs[0])
+    # score against threshold, the chosen point marked
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     th, areas, grid = sweep["thresholds"], sweep["min_areas"], sweep["grid"]
     a_best = int(np.argmax(grid.max(axis=1)))
     ax.plot(th, grid[0], label=f"min area {areas[0]}")
     if a_best:
-        ax.plot(th, grid[a_best], label=f"min area {areas[a_best]} (best)")
-    ax.axvline(result["threshold"], color="k", ls="--", lw=0.8)
+        ax.plot(th, grid[a_best], label=f"min area {areas[a_best]} (chosen)")
+    ax.plot([result["threshold"]], [result["score"]], "o", color="k", ms=7,
+            label=f"chosen: {result['threshold']:.2f}, min area {result['min_area']} -> {result['score']:.4f}")
+    ax.plot([result["default_threshold"]], [result["score_default_threshold"]], "s", color="tab:orange", ms=6,
+            label=f"default {result['default_threshold']:.2f} -> {result['score_default_threshold']:.4f}")
     ax.axhline(result["all_empty_score"], color="grey", ls=":", label="all empty")
-    ax.set(xlabel="binarisation threshold", ylabel="competition score (OOF)",
-           title=f"best {result['score']:.4f} at {result['threshold']:.2f}")
-    ax.legend()
+    ax.set(xlabel="binarisation threshold", ylabel="competition score (OOF)", title="OOF score against threshold")
+    ax.legend(fontsize=7)
+    fig.text(0.01, -0.02, machine, fontsize=6, color="grey")
     _savefig(fig, out / "score_vs_threshold.png")
     # by coverage
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -197,51 +213,104 @@ def make_plots(out: Path, run_dirs, sweep, result, probs, truth, images, pred, s
         ax.text(i, (b["score"] or 0) + 0.01, f"n={b['n']}", ha="center", fontsize=7)
     ax.set_xticks(range(len(bins)), [b["bin"] for b in bins], rotation=45)
     ax.set(ylim=(0, 1.08), ylabel="competition score", title="OOF score by salt coverage")
+    fig.text(0.01, -0.08, machine, fontsize=6, color="grey")
     _savefig(fig, out / "score_by_coverage.png")
-    # pixel precision-recall
-    from sklearn.metrics import auc, precision_recall_curve
-
-    rng = np.random.default_rng(0)
-    flat_p, flat_t = probs.reshape(-1), truth.reshape(-1)
-    take = rng.choice(flat_p.size, size=min(flat_p.size, 2_000_000), replace=False)
-    prec, rec, _ = precision_recall_curve(flat_t[take], flat_p[take].astype(np.float32))
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(rec, prec)
-    ax.set(xlabel="recall", ylabel="precision", title=f"pixel PR curve (AUC {auc(rec, prec):.3f})",
-           xlim=(0, 1), ylim=(0, 1.01))
-    _savefig(fig, out / "pixel_pr_curve.png")
-    # training curves
+    # the empty / non-empty decision, which the metric weighs as much as the outlines
+    empty = ~truth.any(axis=(1, 2))
+    said_empty = ~pred.any(axis=(1, 2))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    groups = [("empty images", empty, [("predicted empty: score 1", said_empty, "tab:green"),
+                                        ("wrong decision: score 0", ~said_empty, "tab:red")]),
+              ("salt images", ~empty, [("wrong decision: score 0", said_empty, "tab:red"),
+                                       ("salt detected: scored by IoU", ~said_empty, "tab:blue")])]
+    labelled = set()
+    for y, (label, rows, parts) in enumerate(groups):
+        left = 0
+        for name, sel, color in parts:
+            n = int((rows & sel).sum())
+            ax.barh(y, n, left=left, color=color, label=None if name in labelled else name)
+            labelled.add(name)
+            if n:
+                extra = f" (mean score {scores[rows & sel].mean():.2f})" if "detected" in name else ""
+                ax.text(left + n / 2, y, f"{n}{extra}", ha="center", va="center", fontsize=7, color="white")
+            left += n
+    ax.set_yticks([0, 1], [g[0] for g in groups])
+    ax.set(xlabel="images", title="empty / non-empty decision on OOF images")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, -0.04, machine, fontsize=6, color="grey")
+    _savefig(fig, out / "empty_decision.png")
+    # training curves: loss stages shaded, learning rate, best epoch
     logs = []
     for r in run_dirs:
         for f in sorted(Path(r).glob("fold*/log.csv")):
             with open(f, newline="") as fh:
                 logs.append((f"{Path(r).name}/{f.parent.name}", list(csv.DictReader(fh))))
     if logs:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
         for name, rows in logs:
+            if not rows:
+                continue
             e = [int(x["epoch"]) + 1 for x in rows]
             axes[0].plot(e, [float(x["train_loss"]) for x in rows], label=name)
             axes[1].plot(e, [float(x["val_loss"]) for x in rows], label=name)
-            axes[2].plot(e, [float(x["val_metric"]) for x in rows], label=name)
-        for ax, t in zip(axes, ["train loss", "validation loss", "validation metric (threshold 0.5)"]):
+            m = [float(x["val_metric"]) for x in rows]
+            line, = axes[2].plot(e, m, label=name)
+            b = int(np.argmax(m))
+            axes[2].plot([e[b]], [m[b]], "*", color=line.get_color(), ms=12)
+            axes[2].annotate(f"best {m[b]:.3f} (epoch {e[b]})", (e[b], m[b]), fontsize=7,
+                             textcoords="offset points", xytext=(-40, 8))
+            axes[3].plot(e, [float(x["lr"]) for x in rows], label=name)
+            # stage switches (e.g. to Lovasz, whose loss is on another scale: a jump, not divergence)
+            for k in range(1, len(rows)):
+                if rows[k]["stage"] != rows[k - 1]["stage"]:
+                    for ax in axes:
+                        ax.axvline(e[k] - 0.5, color="grey", ls="--", lw=0.8)
+                    axes[0].text(e[k] - 0.4, axes[0].get_ylim()[1], f" {rows[k]['loss_name']}", fontsize=7,
+                                 va="top", color="grey")
+        for ax, t in zip(axes, ["train loss (dashed: loss stage switch)", "validation loss",
+                                "validation metric (threshold 0.5; * best epoch)", "learning rate"]):
             ax.set(title=t, xlabel="epoch")
+        axes[3].set_yscale("log")
         axes[2].legend(fontsize=7)
+        fig.text(0.01, -0.04, machine, fontsize=7, color="grey")
         _savefig(fig, out / "training_curves.png")
-    # worst predictions
-    n = min(12, len(scores))
-    area = truth.reshape(len(truth), -1).sum(1) + pred.reshape(len(pred), -1).sum(1)
-    worst = np.lexsort((-area, scores))[:n]
-    cols = 6
-    rows_n = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.2 * cols, 2.4 * rows_n), squeeze=False)
+    _worst_predictions(out, images, truth, pred, scores, ids, machine)
+
+
+def _overlay(ax, image, truth, pred, title):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    rgba = np.zeros((*truth.shape, 4))
+    rgba[truth & ~pred] = (0.1, 0.9, 0.1, 0.45)   # missed salt: green
+    rgba[pred & ~truth] = (0.95, 0.1, 0.1, 0.45)  # false salt: red
+    rgba[pred & truth] = (1.0, 0.85, 0.0, 0.40)   # agreed: yellow
+    ax.imshow(rgba)
+    ax.set_title(title, fontsize=6.5)
+    ax.axis("off")
+
+
+def _worst_predictions(out, images, truth, pred, scores, ids, machine, per_row: int = 6) -> None:
+    """Two rows of the worst OOF images: false positives on empty images (largest first) and the
+    lowest-scoring salt images; filled overlays with pixel counts."""
+    import matplotlib.pyplot as plt
+
+    t_px = truth.reshape(len(truth), -1).sum(1)
+    p_px = pred.reshape(len(pred), -1).sum(1)
+    fp = np.flatnonzero((t_px == 0) & (p_px > 0))
+    fp = fp[np.argsort(-p_px[fp], kind="stable")][:per_row]
+    salt = np.flatnonzero(t_px > 0)
+    salt = salt[np.lexsort((-t_px[salt], scores[salt]))][:per_row]
+    fig, axes = plt.subplots(2, per_row, figsize=(2.2 * per_row, 5.2), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), worst):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        if truth[i].any():
-            ax.contour(truth[i], levels=[0.5], colors="lime", linewidths=1)
-        if pred[i].any():
-            ax.contour(pred[i], levels=[0.5], colors="red", linewidths=1)
-        ax.set_title(f"{ids[i]}\nscore {scores[i]:.2f}", fontsize=7)
-    fig.suptitle("worst OOF predictions (green: truth, red: prediction)", fontsize=9)
+    for ax, i in zip(axes[0], fp):
+        _overlay(ax, images[i], truth[i], pred[i], f"{ids[i]}\nempty truth, {p_px[i]} px predicted")
+    for ax, i in zip(axes[1], salt):
+        _overlay(ax, images[i], truth[i], pred[i],
+                 f"{ids[i]}  score {scores[i]:.2f}\ntruth {t_px[i]} px, predicted {p_px[i]} px")
+    axes[0][0].text(-0.15, 0.5, f"false positives on\nempty images ({len(np.flatnonzero((t_px == 0) & (p_px > 0)))})",
+                    transform=axes[0][0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+    axes[1][0].text(-0.15, 0.5, "worst salt images", transform=axes[1][0].transAxes, rotation=90,
+                    va="center", ha="right", fontsize=8)
+    fig.suptitle("worst OOF predictions — yellow: agreed salt, green: missed salt, red: false salt", fontsize=9)
+    fig.text(0.01, 0.0, machine, fontsize=7, color="grey")
     _savefig(fig, out / "worst_predictions.png")
