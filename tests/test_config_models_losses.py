@@ -66,9 +66,9 @@ def test_plain_baselines_shapes(arch):
 
 def test_smp_unet_with_scse_and_local_weights(tmp_path):
     with pytest.raises(UserError) as e:
-        C.load_config("demo", ["model.decoder_attention=scse"])   # demo's narrow decoder has 8 channels
+        C.load_config("cpu_budget", ["model.decoder_attention=scse"])   # its narrow decoder has 8 channels
     assert ">= 16" in str(e.value)
-    cfg = C.load_config("demo", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]"])["model"]
+    cfg = C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]"])["model"]
     m = build_model(cfg, 3)
     assert m(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 128, 128)
     # a local encoder weights file (as a user without internet would give) is loaded

@@ -229,15 +229,15 @@ def test_split_epochs_keeps_proportions():
 def test_plan_arithmetic():
     costs = B.Costs(train_rate=12.0, eval_rate=40.0, n_train=2400, n_val=600, n_test=1000, n_folds=1,
                     n_models=1, tta=True)
-    # epoch: 2400/12 + 600/40 + 1 = 216 s; fixed: 600*2/40 + 3 (OOF) + 1000*2/40 (predict) + 25 = 108 s
-    assert costs.epoch_s == pytest.approx(216.0) and costs.fixed_s == pytest.approx(108.0)
+    # epoch: 2400/12 + 600/40 + 1 = 216 s; fixed: 600*2/40 + 3 (OOF) + 1000*2/40 (predict) + 15 = 98 s
+    assert costs.epoch_s == pytest.approx(216.0) and costs.fixed_s == pytest.approx(98.0)
     plan = B.plan_epochs(3600, 60, costs, [36, 24])
-    # (3600 * 0.985 - 60 - 108) / 216 = 15.64 -> 16 epochs (nearest), 10 + 6
+    # (3600 * 0.985 - 60 - 98) / 216 = 15.69 -> 16 epochs (nearest), 10 + 6
     assert plan["epochs"] == [10, 6]
-    assert plan["total_s"] == pytest.approx(60 + 16 * 216 + 108)
+    assert plan["total_s"] == pytest.approx(60 + 16 * 216 + 98)
     two = B.plan_epochs(3600, 60, B.Costs(**{**B.to_dict(costs), "n_folds": 2, "n_models": 2}), [36, 24])
-    # two folds (and two models to predict with): fixed 2 * 33 + 100 + 25 = 191 s; (3546 - 60 - 191) / 432 = 7.6
-    assert two["fixed_s"] == pytest.approx(191.0) and sum(two["epochs"]) == 8
+    # two folds (and two models to predict with): fixed 2 * 33 + 100 + 15 = 181 s; (3546 - 60 - 181) / 432 = 7.65
+    assert two["fixed_s"] == pytest.approx(181.0) and sum(two["epochs"]) == 8
     with pytest.raises(UserError) as e:
         B.plan_epochs(300, 60, costs, [36, 24])
     assert "too small" in str(e.value) and "min" in str(e.value)
@@ -247,11 +247,26 @@ def test_apply_plan_scales_stages_and_keeps_lrs():
     from tgs_salt import config as C
 
     cfg = C.load_config("cpu_budget")
-    out = B.apply_plan(cfg, [9, 6])
+    out = B.apply_plan(cfg, {"epochs": [9, 6], "warmup_epochs": 1.0})
     assert [s["epochs"] for s in out["train"]["stages"]] == [9, 6]
     assert [s.get("lr") for s in out["train"]["stages"]] == [s.get("lr") for s in cfg["train"]["stages"]]
     assert cfg["train"]["stages"][0]["epochs"] == 36  # the config itself is untouched
-    assert B.apply_plan(cfg, [1, 1])["train"]["warmup_epochs"] == 0.5
+    assert B.planned_warmup(C.load_config("demo")) == 1.0  # a budgeted run warms up over its first epoch
+
+
+def test_calibration_after_the_first_epoch():
+    """The probe said 19.2 s per epoch; the first epoch took 17 s: the rest of the budget is re-split."""
+    costs = B.Costs(train_rate=50.0, eval_rate=100.0, n_train=800, n_val=200, n_test=500, n_folds=1,
+                    n_models=1, tta=True)
+    plan = B.plan_epochs(360, 26, costs, [15, 9])
+    plan.update({"budget_minutes": 6, "job_start": 1000.0, "config_epochs": [15, 9], "costs": B.to_dict(costs),
+                 "warmup_epochs": 1.0})
+    new = B.calibrate(plan, first_epoch_s=17.0, now=1000.0 + 26 + 17)
+    # left = 360 * 0.985 - 43 - fixed; E = (left + 17) / 17, rounded
+    left = 360 * 0.985 - 43 - plan["fixed_s"]
+    assert sum(new["epochs"]) == round((left + 17) / 17) and new["calibrated"]
+    assert new["provisional_epochs"] == plan["epochs"] and sum(new["epochs"]) > sum(plan["epochs"])
+    assert new["total_s"] == pytest.approx(43 + (sum(new["epochs"]) - 1) * 17 + plan["fixed_s"], abs=0.1)
 
 
 def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
@@ -272,6 +287,7 @@ def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
     r = run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "following the time plan" in r.stderr and "chosen before" in r.stderr
+    assert plan["calibrated"] is True and plan["warmup_epochs"] == 1.0
     done = json.loads((run / "fold0" / "done.json").read_text())
     assert done["epochs_run"] == sum(plan["epochs"]) == done["epochs_planned"]
     assert json.loads((run / "plan.json").read_text()) == plan

@@ -25,5 +25,5 @@ def test_runs_table(tmp_path, capsys):
     assert len(lines) == 3
     a, b = lines[1], lines[2]
     assert a.startswith("a ") and "0.7100" in a and "0.7000" in a and "fp32+channels_last" in a and "10.0" in a
-    assert "train.lr=0.002 " in a and "train.lr=0.0005" in b and "model.encoder=\"resnet18\"" in b
+    assert "train.lr=0.002 " in a and "train.lr=0.0005" in b and "model.arch=\"plain_unet\"" in b
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["name"] == "demo"

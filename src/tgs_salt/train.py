@@ -243,9 +243,12 @@ def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: Di
 
 def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
                resume: bool = False, workers: int = 0, stop_after: int | None = None,
-               ctx: DistContext | None = None, precision: Precision | None = None) -> dict:
+               ctx: DistContext | None = None, precision: Precision | None = None,
+               calibrate=None) -> dict:
     """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
-    (a time plan already applied); ``precision`` defaults to the config's rule (no probe)."""
+    (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
+    ``calibrate(first_epoch_seconds)``, called on the main process after a fresh fold's first
+    epoch, may return new epochs per stage (a time plan corrected by the measured epoch)."""
     ctx = ctx or DistContext()
     t = cfg["train"]
     if precision is None:
@@ -388,6 +391,15 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                "seconds": f"{time.time() - t0:.1f}",
                "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"}
         log_rows.append(row)
+        if calibrate is not None and epoch == 0 and start_epoch == 0:
+            new = all_gather_objects(calibrate(time.time() - t0) if ctx.is_main else None, ctx)[0]
+            if new is not None and new != [st["epochs"] for st in t["stages"]]:
+                cfg = B.apply_plan(cfg, {"epochs": new, "warmup_epochs": t["warmup_epochs"]})
+                t = cfg["train"]
+                state = lrc.state_dict()
+                lrc = LRController(cfg)
+                lrc.load_state_dict(state)
+                n_epochs = C.total_epochs(cfg)
         next_epoch = epoch + 1
         es = t["early_stopping"]
         if es and since_best >= es and next_epoch < lrc.starts[stage + 1]:
@@ -600,7 +612,8 @@ def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 64) -> float:
 
 
 def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, *, n_train: int, n_val: int,
-               n_test: int, n_folds: int, n_models: int, world: int, job_start: float) -> dict:
+               n_test: int, n_folds: int, n_models: int, world: int, job_start: float,
+               will_calibrate: bool = True) -> dict:
     """The run's time plan: read from ``plan.json``, or made from the measured rates and written."""
     plan = B.read_plan(run_dir)
     if plan is not None:
@@ -615,10 +628,28 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
     plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
                  "config_epochs": [s["epochs"] for s in cfg["train"]["stages"]], "costs": B.to_dict(costs),
-                 "precision": Precision.from_dict(rates["precision"]).name})
+                 "warmup_epochs": B.planned_warmup(cfg), "precision": Precision.from_dict(rates["precision"]).name,
+                 # folds trained in parallel processes keep the probe's plan: they could not agree on a change
+                 "calibrated": False if will_calibrate else None})
     B.write_plan(run_dir, plan)
     log.info(B.describe(plan))
     return plan
+
+
+def _calibrator(run_dir: Path):
+    """The callback that corrects a fresh time plan with the job's first measured epoch."""
+    def calibrate(first_epoch_s: float) -> list[int] | None:
+        plan = B.read_plan(run_dir)
+        if plan is None or plan.get("calibrated") is not False:
+            return None
+        new = B.calibrate(plan, first_epoch_s, time.time())
+        B.write_plan(run_dir, new)
+        log.info("time plan calibrated on the first epoch (%.0f s measured, %.0f s estimated): epochs per stage "
+                 "%s -> %s; the job should end at %s (%.1f min)", first_epoch_s, plan["epoch_s"], plan["epochs"],
+                 new["epochs"], time.strftime("%H:%M", time.localtime(new["job_start"] + new["total_s"])),
+                 new["total_s"] / 60)
+        return new["epochs"]
+    return calibrate
 
 
 def job_start_time() -> float:
@@ -671,7 +702,7 @@ def train_command(args) -> int:
         pending = [f for f in folds_to_train if args.force or not is_done(run_dir, f)]
 
         # precision (probed once per run on CPU) and the time plan, made by the main process
-        train_cfg, precision = cfg, None
+        train_cfg, precision, calibrate = cfg, None, None
         if pending or args.plan_only:
             first = pending[0] if pending else folds_to_train[0]
             tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
@@ -686,11 +717,17 @@ def train_command(args) -> int:
                     per_epoch = len(tr) // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
                     if cfg["train"]["max_train_batches"]:
                         per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
+                    made_here = B.read_plan(run_dir) is None
                     setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
                                n_test=count_test_images(data_dir), n_folds=-(-max(len(pending), 1) // parallel),
-                               n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start)
+                               n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
+                               will_calibrate=not args.plan_only and parallel == 1)
+                    if made_here and not args.plan_only and parallel == 1:
+                        calibrate = _calibrator(run_dir)
                 barrier(ctx)
-                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)["epochs"])
+                if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
+                    calibrate = lambda seconds: None  # noqa: E731  (every rank joins the broadcast)
+                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
         if args.plan_only:
             if ctx.is_main:
                 print(run_dir)
@@ -713,9 +750,12 @@ def train_command(args) -> int:
                     for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
                         (fdir / f).unlink(missing_ok=True)
                 barrier(ctx)
+                if budget_min is not None:  # the plan as it stands (calibrated by an earlier fold, maybe)
+                    train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                           workers=workers, ctx=ctx, precision=precision,
+                           workers=workers, ctx=ctx, precision=precision, calibrate=calibrate,
                            stop_after=int(stop_after) if stop_after else None)
+                calibrate = None  # only the job's first epoch calibrates
     finally:
         shutdown(ctx)
     if ctx.is_main:
