@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+_CHECKOUT = Path(__file__).resolve().parents[2]
+# a checkout (or `pip install -e .`) keeps data/, runs/, folds/... beside run_all.sh; an installed
+# package uses the working directory instead
+REPO_ROOT = _CHECKOUT if (_CHECKOUT / "run_all.sh").exists() else Path.cwd()
 
 
 def _env_path(name: str, default: Path) -> Path:

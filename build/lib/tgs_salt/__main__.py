@@ -1,0 +1,3 @@
+from tgs_salt.cli import main
+
+raise SystemExit(main())

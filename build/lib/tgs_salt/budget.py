@@ -1,0 +1,177 @@
+"""Time budgets: how many epochs fit, so that the whole job ends on time.
+
+From the measured training and inference throughput, the plan splits what is left of the budget
+(after what the job already spent, and the fixed costs that follow training: the OOF pass of every
+fold, the CV report and the test prediction) into epochs, and scales the config's loss stages to
+that total keeping their proportions (each stage keeps its schedule shape: warm-up, cosine...).
+
+The plan is written to ``<run dir>/plan.json`` before the first epoch; resume and fold retraining
+follow it, so the same seed and plan give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tgs_salt.errors import UserError
+from tgs_salt.io_utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Seconds outside the model's own steps, measured on the real cpu_budget run (2 CPU cores):
+STAGE_OVERHEAD_S = 15.0   # CV and predict: two Python start-ups, data and checkpoint loads, plots, CSV
+#                           (real runs, 2 AVX2 cores: ~20 s for ResNet18 on 3001 images, ~10 s for the demo)
+FOLD_OVERHEAD_S = 3.0     # per fold: model build, checkpoint and OOF writes
+EPOCH_OVERHEAD_S = 1.0    # per epoch: checkpoints, log, metric
+SAFETY = 0.015            # aim this fraction below the budget: the plan rests on a short measurement
+
+
+@dataclass
+class Costs:
+    """What one fold's epoch and the fixed steps cost, from measured rates (images/s)."""
+
+    train_rate: float       # training images/s (the whole job's processes together)
+    eval_rate: float        # inference images/s without TTA
+    n_train: int            # training images per epoch (after max_train_batches)
+    n_val: int              # validation images per fold
+    n_test: int
+    n_folds: int            # folds this job still trains
+    n_models: int           # folds in the final ensemble (prediction)
+    tta: bool
+    data_s_per_image: float = 0.0  # augmentation and batching, per training image
+
+    @property
+    def epoch_s(self) -> float:
+        return (self.n_train / self.train_rate + self.n_train * self.data_s_per_image
+                + self.n_val / self.eval_rate + EPOCH_OVERHEAD_S)
+
+    @property
+    def fixed_s(self) -> float:
+        views = 2 if self.tta else 1
+        oof = self.n_folds * (self.n_val * views / self.eval_rate + FOLD_OVERHEAD_S)
+        predict = self.n_test * views * self.n_models / self.eval_rate
+        return oof + predict + STAGE_OVERHEAD_S
+
+
+def split_epochs(total: int, stage_epochs: list[int]) -> list[int]:
+    """``total`` epochs over the stages in proportion to ``stage_epochs`` (largest remainder,
+    at least one epoch per stage)."""
+    n = len(stage_epochs)
+    total = max(total, n)
+    weight = sum(stage_epochs)
+    exact = [total * e / weight for e in stage_epochs]
+    out = [max(1, math.floor(x)) for x in exact]
+    order = sorted(range(n), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    k = 0
+    while sum(out) < total:
+        out[order[k % n]] += 1
+        k += 1
+    while sum(out) > total:  # only when the floor of 1 overshot
+        i = max(range(n), key=lambda j: out[j])
+        out[i] -= 1
+    return out
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, costs: Costs, stage_epochs: list[int]) -> dict:
+    """The plan: epochs per stage and the time it should take."""
+    left = budget_s * (1 - SAFETY) - elapsed_s - costs.fixed_s
+    per_epoch_all_folds = costs.epoch_s * max(costs.n_folds, 1)
+    # the nearest whole number of epochs: the job ends within half an epoch of the target, on
+    # either side (rounding down could waste up to an epoch: 13% of a 6-minute demo)
+    total = math.floor(left / per_epoch_all_folds + 0.5) if left > 0 else 0
+    minimum = len(stage_epochs)
+    if total < minimum:
+        need = elapsed_s + costs.fixed_s + minimum * per_epoch_all_folds
+        raise UserError(f"a time budget of {budget_s / 60:.1f} min is too small: {costs.n_folds} fold(s) with at "
+                        f"least one epoch per loss stage need about {need / 60 / (1 - SAFETY):.1f} min here "
+                        f"({costs.epoch_s:.0f} s per epoch, {costs.fixed_s:.0f} s for OOF, CV and prediction, "
+                        f"{elapsed_s:.0f} s already spent); raise --time-budget or train fewer folds")
+    epochs = split_epochs(total, stage_epochs)
+    train_s = sum(epochs) * per_epoch_all_folds
+    return {"epochs": epochs, "epoch_s": round(costs.epoch_s, 2), "fixed_s": round(costs.fixed_s, 1),
+            "elapsed_s": round(elapsed_s, 1), "train_s": round(train_s, 1),
+            "total_s": round(elapsed_s + train_s + costs.fixed_s, 1)}
+
+
+def planned_warmup(cfg: dict) -> float:
+    """The warm-up of a budgeted run: at least the whole first epoch. The first epoch's learning
+    rates then depend on nothing the calibration after it may change (see :func:`calibrate`)."""
+    return max(1.0, float(cfg["train"]["warmup_epochs"]))
+
+
+def apply_plan(cfg: dict, plan: dict) -> dict:
+    """A copy of ``cfg`` with the plan's epochs per stage and warm-up."""
+    out = copy.deepcopy(cfg)
+    stages = out["train"]["stages"]
+    epochs = plan["epochs"]
+    if len(epochs) != len(stages):
+        raise UserError(f"the plan has {len(epochs)} stage(s) but the config {len(stages)}")
+    for st, e in zip(stages, epochs):
+        st["epochs"] = int(e)
+    out["train"]["warmup_epochs"] = float(plan.get("warmup_epochs", out["train"]["warmup_epochs"]))
+    return out
+
+
+def calibrate(plan: dict, first_epoch_s: float, now: float) -> dict:
+    """The plan after the first epoch of the job: epochs re-planned from that epoch's measured time
+    (validation included) instead of the probe's estimate. Returns a new plan dict."""
+    c = plan["costs"]
+    n_folds = max(int(c["n_folds"]), 1)
+    stage_epochs = plan["config_epochs"]
+    budget_s = plan["budget_minutes"] * 60
+    left = budget_s * (1 - SAFETY) - (now - plan["job_start"]) - plan["fixed_s"]
+    # E epochs per fold: E - 1 still to run in this fold, E in each of the other folds
+    total = math.floor((left + first_epoch_s) / (n_folds * first_epoch_s) + 0.5)
+    total = max(total, len(stage_epochs))
+    epochs = split_epochs(total, stage_epochs)
+    out = dict(plan)
+    train_s = (sum(epochs) * n_folds - 1) * first_epoch_s
+    out.update({"epochs": epochs, "provisional_epochs": plan["epochs"], "provisional_epoch_s": plan["epoch_s"],
+                "epoch_s": round(first_epoch_s, 2), "calibrated": True,
+                "total_s": round(now - plan["job_start"] + train_s + plan["fixed_s"], 1)})
+    return out
+
+
+# ----------------------------------------------------------------------------- plan file
+
+def plan_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "plan.json"
+
+
+def read_plan(run_dir: Path) -> dict | None:
+    p = plan_path(run_dir)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the time plan {p}: {exc}; delete it to plan again") from None
+
+
+def check_same_budget(plan: dict, budget_min: float, run_dir: Path) -> None:
+    if abs(plan["budget_minutes"] - budget_min) > 1e-9:
+        raise UserError(f"{run_dir} was planned for a {plan['budget_minutes']:g} min budget, not {budget_min:g}: "
+                        f"its folds follow {plan_path(run_dir).name} (epochs {plan['epochs']}). Use another "
+                        f"--run-dir, or delete {plan_path(run_dir)} and retrain every fold with --force")
+
+
+def write_plan(run_dir: Path, plan: dict) -> None:
+    write_json_atomic(plan_path(run_dir), plan)
+
+
+def describe(plan: dict) -> str:
+    eta = time.strftime("%H:%M", time.localtime(plan["job_start"] + plan["total_s"]))
+    return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
+            f"epochs (stages {'+'.join(map(str, plan['epochs']))}), {plan['epoch_s']:.0f} s per epoch, "
+            f"{plan['fixed_s']:.0f} s for OOF, CV and prediction; the job should end at {eta} "
+            f"({plan['total_s'] / 60:.1f} min)")
+
+
+def to_dict(costs: Costs) -> dict:
+    return asdict(costs)

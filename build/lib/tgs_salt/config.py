@@ -1,0 +1,296 @@
+"""Experiment configuration: YAML holds hyperparameters only; runtime facts come from the CLI.
+
+A config is merged onto DEFAULTS; an unknown key or a bad value is a UserError that lists
+what is allowed. ``resolve_config`` returns a plain nested dict that is saved in the run dir.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tgs_salt import paths
+from tgs_salt.errors import UserError
+
+CHANNELS = ("image", "depth", "row", "image_x_row")
+ARCHS_PLAIN = ("plain_unet", "plain_unet_strided", "fcn")
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "model": {
+        "arch": "Unet",                 # an smp architecture or plain_unet / plain_unet_strided / fcn
+        "encoder": "resnet34",          # any smp encoder name
+        "encoder_weights": "imagenet",  # imagenet | null | path to a local weights file
+        "decoder_attention": None,      # null | scse
+        "decoder_channels": [256, 128, 64, 32, 16],
+        "base_channels": 32,            # width of the plain baselines
+        "norm": "batch",                # batch | group (plain baselines only)
+    },
+    "input": {
+        "channels": ["image", "depth", "row"],
+        "resize": 101,                  # 101 -> keep; e.g. 202 upscales before padding
+        "pad_to": 128,
+        "pad_mode": "reflect",          # reflect | edge | constant
+    },
+    "augment": {
+        "hflip": 0.5,
+        "vflip": 0.0,                   # geologically wrong for seismic sections: off by default
+        "affine_p": 0.5,
+        "shift": 0.06,                  # fraction of the size
+        "scale": 0.1,                   # +- fraction
+        "rotate": 5.0,                  # degrees
+        "brightness_contrast_p": 0.5,
+        "brightness": 0.1,
+        "contrast": 0.1,
+    },
+    "train": {
+        "batch_size": 32,
+        "optimizer": "adamw",           # adamw | adam | sgd
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "schedule": "cosine",           # cosine | constant | plateau  (per loss stage)
+        "warmup_epochs": 1.0,
+        "min_lr_ratio": 0.02,
+        "plateau_patience": 3,
+        "plateau_factor": 0.5,
+        "stages": [
+            {"loss": "bce_dice", "epochs": 20},
+            {"loss": "lovasz", "epochs": 10, "lr": 5e-4},
+        ],
+        "early_stopping": None,         # epochs without val-metric gain before the stage ends
+        "amp": "auto",                  # auto | true | false: autocast (see hardware.py for how auto decides)
+        "amp_dtype": "auto",            # auto (bf16 on CPU and sm80+ GPUs, fp16 + GradScaler before) | bfloat16 | float16
+        "channels_last": "auto",        # auto (measured on CPU, on with CUDA) | true | false
+        "time_budget_minutes": None,    # plan the epochs so the whole job fits (stage proportions kept)
+        "compile": False,
+        "sync_bn": False,               # SyncBatchNorm under torchrun
+        "grad_clip": None,
+        "seed": 42,
+        "val_batch_size": 128,
+        "max_train_batches": None,      # cap batches per epoch (smoke tests)
+    },
+    "folds": {"k": 5, "seed": 42, "file": None, "train_folds": None},
+    "predict": {"tta": True, "batch_size": 256},
+    "postprocess": {
+        "thresholds": [0.05, 0.95, 91],  # linspace(start, stop, count)
+        "min_areas": [0, 10, 20, 30, 50, 75, 100, 150, 200, 300],
+        "default_threshold": 0.5,
+    },
+}
+
+CHOICES = {
+    ("model", "decoder_attention"): (None, "scse"),
+    ("input", "pad_mode"): ("reflect", "edge", "constant"),
+    ("train", "optimizer"): ("adamw", "adam", "sgd"),
+    ("train", "schedule"): ("cosine", "constant", "plateau"),
+    ("train", "amp"): ("auto", True, False),
+    ("train", "amp_dtype"): ("auto", "bfloat16", "float16"),
+    ("train", "channels_last"): ("auto", True, False),
+}
+STAGE_KEYS = {"loss", "epochs", "lr"}
+
+# Every scalar key: (kind, low, high, nullable); low/high are inclusive bounds, "(" marks an
+# exclusive low. Floats are also accepted as YAML strings such as 5e-4 (YAML 1.1 reads them as text).
+INF = float("inf")
+SCALARS: dict[tuple[str, str], tuple] = {
+    ("model", "base_channels"): (int, 1, 1024, False),
+    ("input", "resize"): (int, 101, 1024, False),
+    ("input", "pad_to"): (int, 32, 1024, False),
+    ("augment", "hflip"): (float, 0, 1, False),
+    ("augment", "vflip"): (float, 0, 1, False),
+    ("augment", "affine_p"): (float, 0, 1, False),
+    ("augment", "shift"): (float, 0, 0.5, False),
+    ("augment", "scale"): (float, 0, 0.9, False),
+    ("augment", "rotate"): (float, 0, 180, False),
+    ("augment", "brightness_contrast_p"): (float, 0, 1, False),
+    ("augment", "brightness"): (float, 0, 1, False),
+    ("augment", "contrast"): (float, 0, 1, False),
+    ("train", "batch_size"): (int, 1, 1 << 16, False),
+    ("train", "val_batch_size"): (int, 1, 1 << 16, False),
+    ("train", "lr"): (float, "(0", 10, False),
+    ("train", "weight_decay"): (float, 0, 10, False),
+    ("train", "momentum"): (float, 0, 1, False),
+    ("train", "warmup_epochs"): (float, 0, 1e6, False),
+    ("train", "min_lr_ratio"): (float, 0, 1, False),
+    ("train", "plateau_patience"): (int, 1, 1 << 20, False),
+    ("train", "plateau_factor"): (float, "(0", 1, False),
+    ("train", "early_stopping"): (int, 1, 1 << 20, True),
+    ("train", "time_budget_minutes"): (float, "(0", 1e6, True),
+    ("train", "compile"): (bool, None, None, False),
+    ("train", "sync_bn"): (bool, None, None, False),
+    ("train", "grad_clip"): (float, "(0", 1e9, True),
+    ("train", "seed"): (int, 0, 2**32 - 1, False),
+    ("train", "max_train_batches"): (int, 1, 1 << 30, True),
+    ("folds", "k"): (int, 2, 1000, False),
+    ("folds", "seed"): (int, 0, 2**32 - 1, False),
+    ("predict", "tta"): (bool, None, None, False),
+    ("predict", "batch_size"): (int, 1, 1 << 16, False),
+    ("postprocess", "default_threshold"): (float, "(0", 1, False),
+}
+_FLOAT_TEXT = __import__("re").compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _yaml_word(a) -> str:
+    return {True: "true", False: "false", None: "null"}.get(a, str(a)) if not isinstance(a, str) else a
+
+
+def _scalar(value, spec: tuple, name: str, where: str):
+    """``value`` checked against ``spec`` (see SCALARS); returns it, floats coerced from text."""
+    kind, low, high, nullable = spec
+    if value is None and nullable:
+        return None
+    if kind is bool:
+        _check(isinstance(value, bool), f"{name} = {value!r}; true or false", where)
+        return value
+    if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    ok_type = ok_type and not isinstance(value, bool)
+    exclusive = isinstance(low, str)
+    lo = float(low[1:]) if exclusive else low
+    in_range = ok_type and value == value and (value > lo if exclusive else value >= lo) and value <= high
+    what = "an integer" if kind is int else "a number"
+    fmt = (lambda x: str(int(x))) if kind is int else (lambda x: f"{x:g}")
+    rng = f"{'>' if exclusive else '>='} {fmt(lo)} and <= {fmt(high)}"
+    _check(in_range, f"{name} = {value!r}; {what} {rng}{' (or null)' if nullable else ''}", where)
+    return float(value) if kind is float else value
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if key not in base:
+            allowed = ", ".join(sorted(base))
+            raise UserError(f"unknown config key {where}{key!r}; allowed here: {allowed}")
+        if isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
+            raise UserError(f"config key {where}{key} must be a mapping")
+        if isinstance(base[key], dict) and base[key]:
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def find_config(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (paths.configs_dir() / name_or_path, paths.configs_dir() / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(c.stem for c in paths.configs_dir().glob("*.yaml"))
+    raise UserError(f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped)}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``a.b=value`` strings into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.0005")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
+    path = find_config(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path}: invalid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: top level must be a mapping")
+    raw.setdefault("name", path.stem)
+    cfg = _merge(DEFAULTS, raw, "")
+    cfg = _merge(DEFAULTS, _deep_update(cfg, parse_overrides(overrides or [])), "")
+    validate(cfg, str(path))
+    return cfg
+
+
+def merge_defaults(raw: dict) -> dict:
+    """A config dict merged onto DEFAULTS (unknown keys are errors)."""
+    return _merge(DEFAULTS, raw, "")
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and out[k]:
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check(cond: bool, msg: str, where: str) -> None:
+    if not cond:
+        raise UserError(f"config {where}: {msg}")
+
+
+def validate(cfg: dict, where: str = "config") -> None:
+    from tgs_salt.losses import LOSSES
+
+    for (section, key), allowed in CHOICES.items():
+        v = cfg[section][key]
+        _check(any(v == a and type(v) is type(a) for a in allowed), f"{section}.{key} = {cfg[section][key]!r}; allowed: "
+               f"{', '.join(_yaml_word(a) for a in allowed)}", where)
+    for (section, key), spec in SCALARS.items():
+        cfg[section][key] = _scalar(cfg[section][key], spec, f"{section}.{key}", where)
+    ch = cfg["input"]["channels"]
+    _check(isinstance(ch, list) and ch and all(c in CHANNELS for c in ch),
+           f"input.channels = {ch!r}; a non-empty list of {', '.join(CHANNELS)}", where)
+    r, p = cfg["input"]["resize"], cfg["input"]["pad_to"]
+    _check(isinstance(r, int) and r >= 101, f"input.resize = {r!r}; an integer >= 101", where)
+    _check(isinstance(p, int) and p >= r and p % 32 == 0,
+           f"input.pad_to = {p!r}; a multiple of 32 and >= input.resize ({r})", where)
+    t = cfg["train"]
+    _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
+    for i, st in enumerate(t["stages"]):
+        _check(isinstance(st, dict), f"train.stages[{i}] must be a mapping", where)
+        unknown = set(st) - STAGE_KEYS
+        _check(not unknown, f"train.stages[{i}] has unknown key(s) {sorted(unknown)}; allowed: "
+               f"{', '.join(sorted(STAGE_KEYS))}", where)
+        _check(st.get("loss") in LOSSES, f"train.stages[{i}].loss = {st.get('loss')!r}; allowed: "
+               f"{', '.join(LOSSES)}", where)
+        _check(isinstance(st.get("epochs"), int) and not isinstance(st.get("epochs"), bool) and st["epochs"] >= 1,
+               f"train.stages[{i}].epochs = {st.get('epochs')!r}; a positive integer", where)
+        if "lr" in st:
+            st["lr"] = _scalar(st["lr"], SCALARS[("train", "lr")], f"train.stages[{i}].lr", where)
+    f = cfg["folds"]
+    tf = f["train_folds"]
+    _check(tf is None or (isinstance(tf, list) and tf and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < f["k"] for x in tf)),
+        f"folds.train_folds = {tf!r}; null or a non-empty list of folds in 0..{f['k'] - 1}", where)
+    _check(f["file"] is None or isinstance(f["file"], str), f"folds.file = {f['file']!r}; null or a file name",
+           where)
+    ma = cfg["postprocess"]["min_areas"]
+    _check(isinstance(ma, list) and ma and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 10201
+                                               for x in ma),
+           f"postprocess.min_areas = {ma!r}; a non-empty list of pixel counts 0..10201", where)
+    dc = cfg["model"]["decoder_channels"]
+    _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dc),
+           f"model.decoder_channels = {dc!r}; a list of positive integers", where)
+    th = cfg["postprocess"]["thresholds"]
+    _check(isinstance(th, list) and len(th) == 3 and all(isinstance(x, (int, float)) for x in th)
+           and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,
+           f"postprocess.thresholds = {th!r}; [start, stop, count] with 0 < start < stop < 1", where)
+    from tgs_salt.models import check_model_config
+
+    check_model_config(cfg["model"], where)
+
+
+def total_epochs(cfg: dict) -> int:
+    return sum(s["epochs"] for s in cfg["train"]["stages"])
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,322 @@
+"""The machine a run lands on: device choice, and the precision / memory layout to train with.
+
+``train.amp`` and ``train.channels_last`` accept ``auto`` (the shipped default), ``true`` or ``false``:
+
+* CUDA: autocast in bf16 where the GPU runs it natively (compute capability 8.0+, Ampere and
+  later), otherwise fp16 with a GradScaler (P100, V100, T4: their bf16 kernels are slow
+  fallbacks); channels_last with autocast (tensor cores want NHWC).
+* CPU: a short probe times one training step of the real model and batch for fp32 / bf16 ×
+  NCHW / channels_last and keeps the fastest. bf16 is about 2.5x faster than fp32 on CPUs with
+  native bf16 (avx512_bf16, amx_bf16) and about 11x slower where it is emulated (AVX2 only), so
+  nothing is assumed: a bf16 candidate is first timed on a few images and dropped at once when
+  it is far behind.
+
+The choice and the measured rates go to ``<run dir>/precision.json``; resume, the other folds
+and ``predict`` reuse it. An explicit ``true``/``false`` is obeyed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tgs_salt.errors import UserError
+
+log = logging.getLogger(__name__)
+AUTO = "auto"
+
+
+# ----------------------------------------------------------------------------- CPU and GPU facts
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def cpu_kind(flags: set[str] | None = None) -> str:
+    """A short label of the CPU's vector units, for logs and figures."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX bf16"
+    if "avx512_bf16" in flags:
+        return "AVX-512 bf16"
+    if "avx512f" in flags:
+        return "AVX-512 (no bf16)"
+    if "avx2" in flags:
+        return "AVX2 only"
+    return "no AVX2"
+
+
+def nvidia_smi_gpus() -> list[str]:
+    """GPU lines of ``nvidia-smi -L`` (empty when the tool is missing or lists nothing)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().startswith("GPU")]
+
+
+CUDA_HELP = ("torch {torch} was built for CUDA {cuda} (GPU architectures: {archs}). Install a build that "
+             "matches your GPU and driver: on Kaggle or Colab keep their preinstalled torch "
+             "(TGS_TORCH=system ./run_all.sh), elsewhere TGS_TORCH=cu126 ./run_all.sh installs the CUDA 12.6 "
+             "build (Pascal P100 to Hopper H100, driver >= 525); see README, 'GPUs'. Or run on the CPU "
+             "with --device cpu")
+
+
+def _cuda_help() -> str:
+    archs = ", ".join(torch.cuda.get_arch_list()) or "none"
+    return CUDA_HELP.format(torch=torch.__version__, cuda=torch.version.cuda, archs=archs)
+
+
+def cuda_arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build with ``arch_list`` (e.g. ['sm_75', ..., 'compute_120']) runs on a GPU of
+    ``capability``: a binary for the same major version and a lower or equal minor, or PTX to JIT from."""
+    cap = capability[0] * 10 + capability[1]
+
+    def num(a: str) -> int:
+        return int(re.sub(r"\D", "", a.split("_", 1)[1]) or 0)
+
+    sm = [num(a) for a in arch_list if a.startswith("sm_")]
+    ptx = [num(a) for a in arch_list if a.startswith("compute_")]
+    return not arch_list or any(s // 10 == capability[0] and s <= cap for s in sm) or any(p <= cap for p in ptx)
+
+
+def check_cuda_usable(index: int = 0) -> None:
+    """Raise when torch cannot run kernels on the GPU (its architecture is not in the build)."""
+    cap = torch.cuda.get_device_capability(index)
+    if not cuda_arch_supported(cap, torch.cuda.get_arch_list()):
+        name = torch.cuda.get_device_name(index)
+        raise UserError(f"GPU {index} ({name}, compute capability {cap[0]}.{cap[1]}) is not supported by this "
+                        f"torch: {_cuda_help()}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when torch can use a GPU; it fails loudly when GPUs exist that torch cannot use."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name!r}: use auto, cpu or cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        check_cuda_usable(0 if name == "auto" else (torch.device(name).index or 0))
+        return torch.device("cuda" if name == "auto" else name)
+    gpus = nvidia_smi_gpus()
+    if gpus:
+        raise UserError(f"nvidia-smi lists {len(gpus)} GPU(s) ({gpus[0]}) but torch cannot use them "
+                        f"(driver too old for this build, or no kernels for the GPU): {_cuda_help()}")
+    if name == "auto":
+        return torch.device("cpu")
+    raise UserError("--device cuda asked for, but torch sees no CUDA device")
+
+
+# ----------------------------------------------------------------------------- precision
+
+@dataclass
+class Precision:
+    """How to run the model: autocast dtype (None = fp32) and memory layout."""
+
+    dtype: str | None = None            # None (fp32) | "bfloat16" | "float16"
+    channels_last: bool = False
+    reason: str = ""
+    rates: dict = field(default_factory=dict)   # candidate name -> measured training images/s
+    eval_rate: float | None = None              # inference images/s (no TTA) with the choice
+
+    @property
+    def name(self) -> str:
+        return candidate_name(self.dtype, self.channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.dtype))
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == "float16"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Precision:
+        return cls(**{k: d[k] for k in ("dtype", "channels_last", "reason", "rates", "eval_rate") if k in d})
+
+
+def candidate_name(dtype: str | None, channels_last: bool) -> str:
+    return f"{'fp32' if dtype is None else {'bfloat16': 'bf16', 'float16': 'fp16'}[dtype]}" \
+           f"+{'channels_last' if channels_last else 'NCHW'}"
+
+
+def _dtype_choices(amp, amp_dtype: str, device: torch.device, capability: tuple[int, int] | None) -> list:
+    """Autocast dtypes allowed by the config (None = fp32)."""
+    if amp is False:
+        return [None]
+    if device.type == "cuda":
+        native_bf16 = capability is not None and capability >= (8, 0)
+        dtype = amp_dtype if amp_dtype != AUTO else ("bfloat16" if native_bf16 else "float16")
+        return [dtype]
+    # CPU
+    if amp_dtype == "float16":
+        return [None, "float16"] if amp == AUTO else ["float16"]
+    return [None, "bfloat16"] if amp == AUTO else ["bfloat16"]
+
+
+def candidates(train_cfg: dict, device: torch.device,
+               capability: tuple[int, int] | None = None) -> list[tuple[str | None, bool]]:
+    """(dtype, channels_last) pairs the config allows, in the order they are tried."""
+    dtypes = _dtype_choices(train_cfg["amp"], train_cfg["amp_dtype"], device, capability)
+    cl = train_cfg["channels_last"]
+    if cl == AUTO:
+        layouts = [True] if device.type == "cuda" else [False, True]
+    else:
+        layouts = [bool(cl)]
+    return [(d, c) for d in dtypes for c in layouts]
+
+
+def rule_based(train_cfg: dict, device: torch.device, capability: tuple[int, int] | None = None,
+               flags: set[str] | None = None) -> Precision:
+    """The choice without measuring: CUDA by compute capability; CPU bf16 only where native."""
+    cands = candidates(train_cfg, device, capability)
+    if len(cands) == 1:
+        return Precision(*cands[0], reason="set in the config")
+    if device.type == "cuda":
+        return Precision(*cands[0], reason=f"CUDA compute capability {capability}")
+    native = cpu_native_bf16(flags)
+    pick = [c for c in cands if (c[0] is not None) == native] or cands
+    return Precision(*pick[-1], reason=f"CPU rule ({cpu_kind(flags)}), not measured")
+
+
+StepFn = Callable[[str | None, bool, int], float]
+
+
+def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: int,
+              small: int = 2, slow_factor: float = 2.0) -> dict[str, float]:
+    """Training images/s of each candidate. ``time_step(dtype, channels_last, n)`` returns the
+    seconds of one timed step on ``n`` images (after its own warm-up). A reduced-precision
+    candidate is first timed on ``small`` images and dropped when it is ``slow_factor`` behind
+    the best rate so far (an emulated bf16 step on a full batch can take half a minute)."""
+    rates: dict[str, float] = {}
+    for dtype, cl in sorted(cands, key=lambda c: c[0] is not None):  # fp32 first: the reference
+        name = candidate_name(dtype, cl)
+        if dtype is not None and rates:
+            quick = small / time_step(dtype, cl, small)
+            if quick * slow_factor < max(rates.values()):
+                rates[name] = round(quick, 2)
+                log.info("precision probe: %s %.1f img/s on %d images: far behind, dropped", name, quick, small)
+                continue
+        rates[name] = round(batch / time_step(dtype, cl, batch), 2)
+        log.info("precision probe: %s %.1f img/s", name, rates[name])
+    return rates
+
+
+def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, crop,
+                    device: torch.device, steps: int = 2, min_seconds: float = 1.5) -> StepFn:
+    """A ``time_step`` for :func:`probe_cpu` on a copy of the real model and a real batch."""
+    def time_step(dtype: str | None, channels_last: bool, n: int) -> float:
+        p = Precision(dtype, channels_last)
+        m = copy.deepcopy(model).to(device=device, memory_format=p.memory_format).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=p.needs_scaler)
+        xb = x[:n].contiguous(memory_format=p.memory_format)
+        yb = y[:n]
+
+        def step():
+            with p.autocast(device):
+                out = m(xb)
+            loss = loss_fn(crop(out).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step()  # warm-up: oneDNN / cuDNN primitive creation
+        _sync(device)
+        times = []
+        t_end = time.perf_counter() + min_seconds
+        while len(times) < steps or (time.perf_counter() < t_end and len(times) < 5):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return time_step
+
+
+def time_inference(model: torch.nn.Module, x: torch.Tensor, precision: Precision, device: torch.device) -> float:
+    """Inference images/s (one forward, no TTA) of ``model`` on batch ``x``."""
+    m = copy.deepcopy(model).to(device=device, memory_format=precision.memory_format).eval()
+    xb = x.contiguous(memory_format=precision.memory_format)
+    with torch.inference_mode(), precision.autocast(device):
+        m(xb)
+        _sync(device)
+        t0 = time.perf_counter()
+        m(xb)
+        _sync(device)
+    return len(xb) / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose(train_cfg: dict, device: torch.device, time_step: StepFn | None, batch: int,
+           capability: tuple[int, int] | None = None) -> Precision:
+    """The precision to train with: measured on CPU when the config leaves a choice."""
+    cands = candidates(train_cfg, device, capability)
+    if device.type == "cuda" or len(cands) == 1 or time_step is None:
+        return rule_based(train_cfg, device, capability)
+    rates = probe_cpu(cands, time_step, batch)
+    best = max(rates, key=rates.get)
+    dtype, cl = next(c for c in cands if candidate_name(*c) == best)
+    return Precision(dtype, cl, reason=f"fastest of {len(cands)} measured on this CPU ({cpu_kind()})",
+                     rates=rates)
+
+
+def for_inference(saved: dict | None, device: torch.device) -> Precision:
+    """The precision ``predict`` uses: the training run's choice on the same kind of device,
+    otherwise the rule for this device."""
+    if saved and saved.get("device_type") == device.type:
+        return Precision.from_dict(saved["precision"])
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return rule_based({"amp": AUTO, "amp_dtype": AUTO, "channels_last": AUTO}, device, cap)

@@ -1,0 +1,68 @@
+"""Losses on logits (B, 1, H, W) against binary targets of the same shape.
+
+``bce``, ``dice`` (soft, per image), ``bce_dice``, ``lovasz`` (per-image Lovasz hinge, elu+1
+as popularised on this competition), ``lovasz_symmetric`` (mean of the hinge on the mask and
+on its complement, which also rewards empty predictions on empty masks), ``bce_lovasz``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def bce_dice(logits, target):
+    return bce(logits, target) + dice(logits, target)
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image Lovasz hinge (Berman et al. 2018), batched: one sort over (B, H*W)."""
+    x = logits.flatten(1)
+    y = target.flatten(1)
+    signs = 2 * y - 1
+    errors = 1 - x * signs
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    gt_sorted = torch.gather(y, 1, perm)
+    gts = gt_sorted.sum(1, keepdim=True)
+    inter = gts - gt_sorted.cumsum(1)
+    union = gts + (1 - gt_sorted).cumsum(1)
+    jaccard = 1 - inter / union
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return ((F.elu(errors_sorted) + 1) * grad.detach()).sum(1).mean()
+
+
+def lovasz_symmetric(logits, target):
+    return 0.5 * (lovasz_hinge(logits, target) + lovasz_hinge(-logits, 1 - target))
+
+
+def bce_lovasz(logits, target):
+    return bce(logits, target) + lovasz_hinge(logits, target)
+
+
+LOSSES = {
+    "bce": bce,
+    "dice": dice,
+    "bce_dice": bce_dice,
+    "lovasz": lovasz_hinge,
+    "lovasz_symmetric": lovasz_symmetric,
+    "bce_lovasz": bce_lovasz,
+}
+
+
+def get_loss(name: str):
+    from tgs_salt.errors import UserError
+
+    if name not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,193 @@
+"""Model registry: segmentation-models-pytorch architectures plus two from-scratch baselines.
+
+``build_model(cfg["model"], in_channels)`` returns a module mapping (B, C, H, W) to logits
+(B, 1, H, W). Unknown names fail with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tgs_salt.errors import UserError
+
+log = logging.getLogger(__name__)
+SMP_ARCHS = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "MAnet", "PAN", "PSPNet", "DeepLabV3",
+             "DeepLabV3Plus", "UPerNet")
+PLAIN_ARCHS = ("plain_unet", "plain_unet_strided", "fcn")
+WEIGHTS_HELP = ("set model.encoder_weights to a local weights file (for resnet34, torchvision's "
+                "resnet34-b627a593.pth or an smp encoder state dict), or to null to train from scratch "
+                "(e.g. --set model.encoder_weights=null)")
+
+
+def arch_names() -> tuple[str, ...]:
+    return SMP_ARCHS + PLAIN_ARCHS
+
+
+def _smp():
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import segmentation_models_pytorch as smp
+
+    return smp
+
+
+def _offline_when_nothing_to_fetch(weights) -> None:
+    """No hub weights wanted: set HF_HUB_OFFLINE (read when smp first imports the hub client)
+    so that nothing waits on the network."""
+    if weights in (None, "null"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def encoder_names() -> list[str]:
+    return sorted(_smp().encoders.get_encoder_names())
+
+
+def check_model_config(m: dict, where: str = "config") -> None:
+    if m["arch"] not in arch_names():
+        raise UserError(f"config {where}: model.arch = {m['arch']!r}; valid: {', '.join(arch_names())}")
+    if m["arch"] in SMP_ARCHS:
+        _offline_when_nothing_to_fetch(m["encoder_weights"])
+        names = encoder_names()
+        if m["encoder"] not in names:
+            raise UserError(f"config {where}: model.encoder = {m['encoder']!r} is not an smp encoder; "
+                            f"valid: {', '.join(names)}")
+    if m["norm"] not in ("batch", "group"):
+        raise UserError(f"config {where}: model.norm = {m['norm']!r}; allowed: batch, group")
+    if m["norm"] == "group" and m["arch"] not in PLAIN_ARCHS:
+        raise UserError(f"config {where}: model.norm group is for the plain baselines ({', '.join(PLAIN_ARCHS)}); "
+                        "smp models use batch norm")
+    if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
+        raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
+                        f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
+    w = m["encoder_weights"]
+    if w not in (None, "imagenet") and not Path(str(w)).expanduser().is_file():
+        raise UserError(f"config {where}: model.encoder_weights = {w!r} is neither imagenet, null nor an "
+                        f"existing file; {WEIGHTS_HELP}")
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _norm(kind: str, c: int) -> nn.Module:
+    # group norm does not depend on the batch: small per-GPU batches train as one large batch would
+    return nn.BatchNorm2d(c) if kind == "batch" else nn.GroupNorm(min(8, c), c)
+
+
+def _block(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True))
+
+
+class PlainUNet(nn.Module):
+    """The original U-Net shape (4 downsamplings), max-pool or strided-convolution downsampling."""
+
+    def __init__(self, in_channels: int, base: int = 32, strided: bool = False, norm: str = "batch"):
+        super().__init__()
+        ch = [base * 2 ** i for i in range(5)]
+        self.enc = nn.ModuleList([_block(in_channels, ch[0], norm)] +
+                                 [_block(ch[i], ch[i + 1], norm) for i in range(4)])
+        self.down = nn.ModuleList([
+            nn.Conv2d(ch[i], ch[i], 3, stride=2, padding=1) if strided else nn.MaxPool2d(2) for i in range(4)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(4)])
+        self.dec = nn.ModuleList([_block(ch[i] * 2, ch[i], norm) for i in range(4)])
+        self.head = nn.Conv2d(ch[0], 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for i in range(4):
+            x = self.enc[i](x)
+            skips.append(x)
+            x = self.down[i](x)
+        x = self.enc[4](x)
+        for i in reversed(range(4)):
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.head(x)
+
+
+class PlainFCN(nn.Module):
+    """A fully convolutional network without skip connections (FCN-32s-like, bilinear upsampling)."""
+
+    def __init__(self, in_channels: int, base: int = 32, norm: str = "batch"):
+        super().__init__()
+        ch = [base * 2 ** i for i in range(5)]
+        layers, cin = [], in_channels
+        for c in ch:
+            layers += [_block(cin, c, norm), nn.MaxPool2d(2)]
+            cin = c
+        self.features = nn.Sequential(*layers[:-1])  # 4 poolings
+        self.head = nn.Conv2d(cin, 1, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        return nn.functional.interpolate(self.head(self.features(x)), size=size, mode="bilinear",
+                                         align_corners=False)
+
+
+# ----------------------------------------------------------------------------- smp
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_local_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read encoder weights {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items()}
+    enc = model.encoder
+    own = enc.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < 0.9 * len(own):
+        raise UserError(f"encoder weights {path} match only {len(matched)} of {len(own)} encoder tensors; "
+                        f"is it a {type(enc).__name__} checkpoint? {WEIGHTS_HELP}")
+    enc.load_state_dict(matched, strict=False)
+    log.info("loaded %d encoder tensors from %s", len(matched), path)
+
+
+def build_model(m: dict, in_channels: int) -> nn.Module:
+    arch = m["arch"]
+    if arch == "plain_unet":
+        return PlainUNet(in_channels, m["base_channels"], strided=False, norm=m["norm"])
+    if arch == "plain_unet_strided":
+        return PlainUNet(in_channels, m["base_channels"], strided=True, norm=m["norm"])
+    if arch == "fcn":
+        return PlainFCN(in_channels, m["base_channels"], norm=m["norm"])
+    if arch not in SMP_ARCHS:
+        raise UserError(f"unknown model.arch {arch!r}; valid: {', '.join(arch_names())}")
+    weights = m["encoder_weights"]
+    if weights == "imagenet" and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once below instead of stalling on the network
+    _offline_when_nothing_to_fetch(weights)
+    smp = _smp()
+    cls = getattr(smp, arch)
+    kwargs = {"encoder_name": m["encoder"], "classes": 1, "activation": None}
+    if arch in ("Unet", "UnetPlusPlus"):
+        kwargs["decoder_channels"] = tuple(m["decoder_channels"])
+        kwargs["decoder_attention_type"] = m["decoder_attention"]
+    local = weights not in (None, "null", "imagenet")
+    try:
+        model = cls(encoder_weights=None if local else weights, in_channels=3 if local else in_channels, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # hub errors come in many types
+        if weights == "imagenet":
+            raise UserError(f"could not get ImageNet weights for encoder {m['encoder']} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline? {WEIGHTS_HELP}") from None
+        raise
+    if local:
+        _load_local_weights(model, Path(str(weights)).expanduser())
+        if in_channels != 3:
+            model.encoder.set_in_channels(in_channels, pretrained=True)
+    return model

@@ -1,0 +1,163 @@
+"""Fold ensemble on the test set: flip TTA, mean over folds (and runs), OOF-tuned post-processing,
+submission CSV written atomically and validated."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tgs_salt import paths
+from tgs_salt.errors import UserError
+from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
+from tgs_salt.postprocess import apply, tune
+from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
+from tgs_salt.submission import validate_submission, write_submission
+from tgs_salt import hardware
+from tgs_salt.hardware import Precision, resolve_device
+from tgs_salt.train import load_checkpoint
+from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
+
+log = logging.getLogger(__name__)
+
+
+class FoldModel:
+    """One trained fold: its model, input builder and config."""
+
+    def __init__(self, ckpt_path: Path, device: torch.device, precision: Precision | None = None):
+        from tgs_salt.models import build_model
+
+        ck = load_checkpoint(ckpt_path)
+        if precision is None:  # the training run's choice on the same kind of device, else this device's rule
+            saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
+            precision = hardware.for_inference(saved, device)
+        self.precision = precision
+        cfg = ck["config"]
+        self.cfg = cfg
+        geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+        self.builder = InputBuilder(cfg["input"]["channels"], geo)
+        model_cfg = dict(cfg["model"], encoder_weights=None)  # weights come from the checkpoint
+        self.model = build_model(model_cfg, self.builder.n_channels)
+        self.model.load_state_dict(ck["model"])
+        self.mf = precision.memory_format
+        self.model = self.model.to(device=device, memory_format=self.mf).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def probs(self, images: torch.Tensor, depths: torch.Tensor, tta: bool = True) -> torch.Tensor:
+        """(B, 101, 101) float32 probabilities."""
+        x = self.builder(images, depths).contiguous(memory_format=self.mf)
+
+        def forward(inp):
+            with self.precision.autocast(self.device):
+                return self.model(inp)
+
+        p = hflip_tta(forward, x, tta=tta)
+        return self.builder.geo.output_to_101(p).squeeze(1).float()
+
+
+def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[list[FoldModel], Path]]:
+    out = []
+    for r in run_dirs:
+        cfg, _ = read_run(r)
+        models = []
+        for k in expected_folds(cfg):
+            done, best = Path(r) / f"fold{k}" / "done.json", Path(r) / f"fold{k}" / "best.pt"
+            if not done.exists() or not best.exists():
+                raise UserError(f"{r}: fold {k} is not trained (no {done.name}); train it with "
+                                f"`python -m tgs_salt train --config {r}/config.yaml --run-dir {r} --fold {k}`")
+            models.append(FoldModel(best, device))
+        out.append((models, Path(r)))
+    return out
+
+
+def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.ndarray, device,
+                 batch_size: int, tta: bool = True) -> np.ndarray:
+    """Mean probabilities (N, 101, 101) float16, streamed over batches: only the running batch
+    of every model is ever in memory."""
+    from tqdm import tqdm
+
+    out = np.empty((len(images), 101, 101), dtype=np.float16)
+    for s in tqdm(range(0, len(images), batch_size), desc="predict", disable=None, leave=False):
+        img = torch.from_numpy(images[s:s + batch_size]).to(device, non_blocking=True)
+        dep = torch.from_numpy(depths[s:s + batch_size]).to(device, non_blocking=True)
+        acc = None
+        for (models, _), w in zip(ensemble, weights):
+            for m in models:
+                p = m.probs(img, dep, tta=tta) * float(w / len(models))
+                acc = p if acc is None else acc + p
+        out[s:s + batch_size] = acc.cpu().numpy().astype(np.float16)
+    return out
+
+
+def predict_command(args) -> int:
+    from tgs_salt.data import load_test
+
+    run_dirs = [Path(p) for p in args.run_dir]
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: a positive number of images")
+    for r in run_dirs:
+        read_run(r)  # a clear error for a directory that is not a training run
+    out_dir = output_dir(run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / ".predict.lock", f"prediction for {out_dir}"):
+        remove_stale_temps(out_dir)
+        return _predict(args, run_dirs, out_dir)
+
+
+def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
+    from tgs_salt.data import load_test
+
+    weights = parse_weights(args.weights, len(run_dirs))
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, facts = read_run(run_dirs[0])
+    data_dir = Path(args.data_dir) if args.data_dir else Path(facts["data_dir"])
+    sample = data_dir / "sample_submission.csv"
+    test = load_test(data_dir)
+
+    # post-processing tuned on the same ensemble's out-of-fold predictions
+    _, oof, train, rows = oof_with_truth(run_dirs, weights, data_dir)
+    pp, sweep = tune(oof, train.masks[rows], cfg)
+    del oof, train
+    log.info("post-processing tuned on OOF: threshold %.3f, min area %d (CV %.4f; %.4f at threshold %.2f)",
+             pp.threshold, pp.min_area, sweep["score_tuned"], sweep["score_default"], sweep["default"].threshold)
+
+    ensemble = load_fold_models(run_dirs, device)
+    n_models = sum(len(m) for m, _ in ensemble)
+    batch = args.batch_size or cfg["predict"]["batch_size"]
+    t0 = time.time()
+    probs = predict_test(ensemble, weights, test.images, test.depths, device, batch, cfg["predict"]["tta"])
+    seconds = time.time() - t0
+    log.info("precision: %s", ", ".join(sorted({m.precision.name for ms, _ in ensemble for m in ms})))
+    log.info("predicted %d test images with %d models x %s TTA in %.1fs (%.0f images/s)", len(test), n_models,
+             "2" if cfg["predict"]["tta"] else "1", seconds, len(test) / max(seconds, 1e-9))
+
+    with atomic_path(out_dir / "test_probs.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=test.ids, probs=probs)
+    masks = apply(probs, pp, test.images)
+    name = out_dir.name
+    sub_path = Path(args.out) if args.out else paths.submissions_dir() / f"{name}.csv"
+    remove_stale_temps(sub_path.parent)
+    # validated before it takes the final name; the old record goes first, so a record never
+    # describes another file than the one at its path
+    with atomic_path(sub_path, suffix=".csv") as tmp:
+        write_submission(tmp, test.ids, masks)
+        v = validate_submission(tmp, sample)
+        if not v.ok:
+            raise UserError(f"the submission for {sub_path} does not validate ({v.problems[0]}); nothing written")
+        (out_dir / "submission.json").unlink(missing_ok=True)
+    write_json_atomic(out_dir / "submission.json", {
+        "submission": str(sub_path), "rows": v.rows, "non_empty": v.non_empty, "postprocess": pp.to_dict(),
+        "cv_score": round(sweep["score_tuned"], 6), "runs": [str(r) for r in run_dirs],
+        "weights": weights.round(6).tolist(), "models": n_models, "seconds": round(seconds, 1),
+        "images_per_s": round(len(test) / max(seconds, 1e-9), 1), "device": str(device)})
+    print(f"{v.rows} rows, {v.non_empty} non-empty masks; threshold {pp.threshold:.3f}, min area {pp.min_area}; "
+          f"OOF CV {sweep['score_tuned']:.4f}")
+    print(sub_path)
+    return 0
+

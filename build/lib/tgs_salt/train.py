@@ -1,0 +1,763 @@
+"""Training: ``train_fold(cfg, fold, run_dir, ...)`` trains one fold; ``train_command`` loops.
+
+A fold directory ``<run_dir>/fold<k>/`` holds ``last.pt`` (resumable: model, optimizer,
+scaler, LR state, epoch, RNG), ``best.pt`` (weights of the best validation metric),
+``log.csv`` (one row per epoch), ``oof.npz`` (validation-id probabilities with flip TTA,
+float16, 101x101) and ``done.json`` (written last: the fold is complete; ``last.pt`` is then
+removed, as it only serves to resume an unfinished fold).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from tgs_salt import budget as B
+from tgs_salt import config as C
+from tgs_salt import hardware, paths
+from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
+from tgs_salt.errors import UserError
+from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from tgs_salt.losses import get_loss
+from tgs_salt.metric import per_image_scores
+from tgs_salt.hardware import Precision, resolve_device  # noqa: F401  (resolve_device: re-exported)
+from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, Geometry, InputBuilder, build_augment, hflip_tta
+
+log = logging.getLogger(__name__)
+LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
+              "best_metric", "seconds", "images_per_s"]
+
+
+class TrainingError(UserError):
+    """Training cannot go on (NaN loss, ...); the last good checkpoint stays."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return Path(run_dir) / f"fold{fold}"
+
+
+def is_done(run_dir: Path, fold: int) -> bool:
+    return (fold_dir(run_dir, fold) / "done.json").exists()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    need = sum(v.numel() * v.element_size() for part in ("model", "optimizer") if isinstance(obj.get(part), dict)
+               for v in _tensors(obj[part]))
+    with atomic_path(path, suffix=".pt", need_bytes=need) as tmp:
+        torch.save(obj, tmp)
+
+
+def _tensors(d):
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from _tensors(v)
+        elif isinstance(v, list):
+            yield from _tensors(dict(enumerate(v)))
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+class LRController:
+    """Per-iteration learning rate over loss stages (cosine / constant / plateau, warm-up)."""
+
+    def __init__(self, cfg: dict):
+        self.t = cfg["train"]
+        self.stages = self.t["stages"]
+        self.starts = np.cumsum([0] + [s["epochs"] for s in self.stages]).tolist()
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def stage_of(self, epoch: int) -> int:
+        for i in range(len(self.stages)):
+            if epoch < self.starts[i + 1]:
+                return i
+        return len(self.stages) - 1
+
+    def lr(self, epoch: int, frac: float) -> float:
+        s = self.stage_of(epoch)
+        base = self.stages[s].get("lr", self.t["lr"])
+        pos = epoch + frac
+        if s == 0 and pos < self.t["warmup_epochs"]:
+            return base * (0.1 + 0.9 * pos / self.t["warmup_epochs"])
+        if self.t["schedule"] == "constant":
+            return base
+        if self.t["schedule"] == "plateau":
+            return base * self.scale
+        p = (pos - self.starts[s]) / self.stages[s]["epochs"]
+        lo = base * self.t["min_lr_ratio"]
+        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+
+    def new_stage(self) -> None:
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def observe(self, metric: float) -> None:
+        if self.t["schedule"] != "plateau":
+            return
+        if metric > self.best + 1e-4:
+            self.best, self.bad = metric, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.t["plateau_patience"]:
+                self.scale *= self.t["plateau_factor"]
+                self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scale, self.best, self.bad = d["scale"], d["best"], d["bad"]
+
+
+def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
+                               nesterov=True)
+    cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, force: bool) -> None:
+    """Write (or check) the resolved config and the run's facts; refuse silent changes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    text = C.dump(cfg)
+    if cfg_path.exists() and not force:
+        # compared after merging onto today's defaults: a key added to the code since is no change
+        try:
+            saved = C.merge_defaults(yaml.safe_load(cfg_path.read_text()) or {})
+        except UserError:
+            saved = None
+        if saved != cfg:
+            raise UserError(f"{cfg_path} holds a different config than the one given; use another --run-dir, "
+                            "or --force to retrain with the new one")
+    folds_sha = hashlib.sha1(fold_file.read_bytes()).hexdigest()
+    facts_path = run_dir / "run.json"
+    if facts_path.exists() and not force:
+        old = json.loads(facts_path.read_text())
+        if old.get("folds_sha1") != folds_sha:
+            raise UserError(f"fold file {fold_file} changed since {run_dir} was trained; retrain with --force "
+                            "or use another --run-dir")
+    write_text_atomic(cfg_path, text)
+    write_json_atomic(facts_path, {"fold_file": str(fold_file), "folds_sha1": folds_sha,
+                                   "data_dir": str(Path(data_dir).resolve()), "git_commit": git_commit(),
+                                   "torch": torch.__version__})
+
+
+def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
+    from tgs_salt.data.folds import default_name, fold_path, make_folds
+
+    f = cfg["folds"]
+    if f["file"]:
+        path = fold_path(f["file"])
+        if not path.exists():
+            raise UserError(f"fold file {path} (folds.file in the config) does not exist")
+        return path
+    path = fold_path(default_name(data_dir, f["k"], f["seed"]))
+    if not path.exists() and is_main:
+        make_folds(data_dir, k=f["k"], seed=f["seed"])
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
+                  precision: Precision, tta: bool, batch_size: int) -> np.ndarray:
+    """Probabilities (N, 101, 101) float32 for uint8 images, in batches."""
+    model.eval()
+    geo = builder.geo
+    out = np.empty((len(images), 101, 101), dtype=np.float32)
+    mf = precision.memory_format
+
+    def forward(x):
+        with precision.autocast(device):
+            return model(x)
+
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            x = builder(torch.from_numpy(images[s:s + batch_size]).to(device),
+                        torch.from_numpy(depths[s:s + batch_size]).to(device))
+            x = x.contiguous(memory_format=mf)
+            p = hflip_tta(forward, x, tta=tta)
+            out[s:s + batch_size] = geo.output_to_101(p).squeeze(1).float().cpu().numpy()
+    return out
+
+
+def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: DistContext, tta: bool = False):
+    """Validation loss, competition metric at the default threshold and pixel IoU, over all ranks."""
+    mine = idx[ctx.rank::ctx.world]
+    probs = predict_probs(model, builder, data.images[mine], data.depths[mine], device, precision, tta,
+                          cfg["train"]["val_batch_size"])
+    # loss on logits recovered from the probabilities at 101x101 (cheap, consistent across geometries)
+    p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
+    logits = torch.log(p) - torch.log1p(-p)
+    target = torch.from_numpy(data.masks[mine]).float()
+    loss_sum = float(loss_fn(logits.unsqueeze(1), target.unsqueeze(1))) * len(mine) if len(mine) else 0.0
+    parts = all_gather_objects((mine, probs.astype(np.float16), loss_sum), ctx)
+    order = np.concatenate([q[0] for q in parts])
+    all_probs = np.concatenate([q[1] for q in parts])
+    sort = np.argsort(order, kind="stable")
+    order, all_probs = order[sort], all_probs[sort]
+    val_loss = sum(q[2] for q in parts) / max(len(order), 1)
+    th = cfg["postprocess"]["default_threshold"]
+    pred = all_probs > th
+    truth = data.masks[order]
+    metric = float(per_image_scores(pred, truth).mean())
+    inter, union = np.logical_and(pred, truth).sum(), np.logical_or(pred, truth).sum()
+    iou = float(inter / union) if union else 1.0
+    return val_loss, metric, iou, order, all_probs
+
+
+# ----------------------------------------------------------------------------- one fold
+
+def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
+               resume: bool = False, workers: int = 0, stop_after: int | None = None,
+               ctx: DistContext | None = None, precision: Precision | None = None,
+               calibrate=None) -> dict:
+    """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
+    (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
+    ``calibrate(first_epoch_seconds)``, called on the main process after a fresh fold's first
+    epoch, may return new epochs per stage (a time plan corrected by the measured epoch)."""
+    ctx = ctx or DistContext()
+    t = cfg["train"]
+    if precision is None:
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        precision = hardware.rule_based(t, device, cap)
+    fdir = fold_dir(run_dir, fold)
+    last_path, best_path, log_path = fdir / "last.pt", fdir / "best.pt", fdir / "log.csv"
+    if ctx.is_main:
+        fdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(fdir)
+    if last_path.exists() and not resume:
+        raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
+
+    train_idx = np.flatnonzero(folds != fold)
+    val_idx = np.flatnonzero(folds == fold)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
+
+    seed = int(t["seed"]) + 1000 * fold
+    torch.manual_seed(seed)
+    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+    builder = InputBuilder(cfg["input"]["channels"], geo)
+    from tgs_salt.models import build_model
+
+    model = build_model(cfg["model"], builder.n_channels)
+    if ctx.enabled and t["sync_bn"]:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:
+            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm")
+    mf = precision.memory_format
+    model = model.to(device=device, memory_format=mf)
+    optimizer = make_optimizer(model.parameters(), t)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+    lrc = LRController(cfg)
+    n_epochs = C.total_epochs(cfg)
+    start_epoch, best_metric, best_epoch, since_best, log_rows = 0, -1.0, -1, 0, []
+
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        lrc.load_state_dict(ck["lr_state"])
+        start_epoch, best_metric, best_epoch = ck["epoch"], ck["best_metric"], ck["best_epoch"]
+        since_best = ck["since_best"]
+        torch.set_rng_state(ck["rng_torch"])
+        log_rows = [r for r in _read_log(log_path) if int(r["epoch"]) < start_epoch]
+        if ctx.is_main:
+            log.info("fold %d: resuming at epoch %d (best %.4f at epoch %d)", fold, start_epoch, best_metric,
+                     best_epoch)
+
+    fwd_model = model
+    if ctx.enabled:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        fwd_model = torch.compile(fwd_model)
+
+    augment = build_augment(cfg["augment"])
+    ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx], augment, seed)
+    if t["batch_size"] % ctx.world:
+        raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {ctx.world} processes")
+    per_rank = min(t["batch_size"] // ctx.world, len(train_idx) // ctx.world)
+    sampler = EpochKeySampler(torch.utils.data.DistributedSampler(
+        ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True), len(ds))
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                                         drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    n_batches = len(loader) if t["max_train_batches"] is None else min(len(loader), t["max_train_batches"])
+
+    epoch = start_epoch
+    t_fold = time.time()
+    epoch_times: list[float] = []
+    while epoch < n_epochs:
+        stage = lrc.stage_of(epoch)
+        loss_name = t["stages"][stage]["loss"]
+        loss_fn = get_loss(loss_name)
+        sampler.set_epoch(epoch)  # the epoch travels with each sample's key, into worker processes too
+        model.train()
+        t0, seen = time.time(), 0
+        loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step on CUDA
+        check_every = 1 if device.type == "cpu" else 50  # on CPU a sync costs nothing
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc=f"fold {fold} epoch {epoch + 1}/{n_epochs} {loss_name}",
+                   disable=None if ctx.is_main else True, leave=False)
+        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main and bar.disable)
+        for b, (img, mask, depth) in enumerate(loader):
+            if b >= n_batches:
+                break
+            lr = lrc.lr(epoch, b / n_batches)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            img, mask, depth = img.to(device, non_blocking=True), mask.to(device, non_blocking=True), \
+                depth.to(device, non_blocking=True)
+            x = builder(img, depth).contiguous(memory_format=mf)
+            y = builder.target(mask)
+            with precision.autocast(device):
+                out = fwd_model(x)
+            loss = loss_fn(geo.crop(out).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            loss_acc += loss.detach() * len(img)
+            seen += len(img)
+            if (b + 1) % check_every == 0 or b + 1 == n_batches:
+                mean = float(loss_acc) / seen
+                if not math.isfinite(mean):
+                    bar.close()
+                    kept = (f"the last good checkpoint {last_path} (epoch {start_epoch_of(last_path)}) stays"
+                            if last_path.exists() else "no checkpoint was written yet")
+                    raise TrainingError(f"fold {fold}: loss is {mean} at epoch {epoch + 1}, by batch {b + 1} "
+                                        f"({loss_name}, lr {lr:.2e}); training stopped, {kept}. Lower train.lr "
+                                        "or check the data")
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.1e}")
+                progress.update(b + 1, mean, seen)
+            bar.update()
+        bar.close()
+        loss_sum = float(loss_acc)
+        train_seconds = time.time() - t0
+        if ctx.enabled:  # the logged train loss covers every rank's images
+            parts = all_gather_objects((loss_sum, seen), ctx)
+            loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        sync_buffers(model, ctx)
+        val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, precision, loss_fn, ctx)
+        improved = metric > best_metric
+        if improved:
+            best_metric, best_epoch, since_best = metric, epoch, 0
+        else:
+            since_best += 1
+        lrc.observe(metric)
+        row = {"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
+               "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
+               "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}", "best_metric": f"{best_metric:.5f}",
+               "seconds": f"{time.time() - t0:.1f}",
+               "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"}
+        log_rows.append(row)
+        if calibrate is not None and epoch == 0 and start_epoch == 0:
+            new = all_gather_objects(calibrate(time.time() - t0) if ctx.is_main else None, ctx)[0]
+            if new is not None and new != [st["epochs"] for st in t["stages"]]:
+                cfg = B.apply_plan(cfg, {"epochs": new, "warmup_epochs": t["warmup_epochs"]})
+                t = cfg["train"]
+                state = lrc.state_dict()
+                lrc = LRController(cfg)
+                lrc.load_state_dict(state)
+                n_epochs = C.total_epochs(cfg)
+        next_epoch = epoch + 1
+        es = t["early_stopping"]
+        if es and since_best >= es and next_epoch < lrc.starts[stage + 1]:
+            if ctx.is_main:
+                log.info("fold %d: no gain for %d epochs, ending stage %d early", fold, es, stage)
+            next_epoch = lrc.starts[stage + 1]
+        if lrc.stage_of(next_epoch) != stage and next_epoch < n_epochs:
+            lrc.new_stage()
+            since_best = 0
+        if ctx.is_main:
+            if improved:
+                save_checkpoint({"model": model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
+                                 "metric": metric, "device_type": device.type,
+                                 "precision": precision.to_dict()}, best_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "lr_state": lrc.state_dict(), "epoch": next_epoch,
+                             "best_metric": best_metric, "best_epoch": best_epoch, "since_best": since_best,
+                             "rng_torch": torch.get_rng_state(), "config": cfg, "fold": fold}, last_path)
+            _write_log(log_path, log_rows)
+            epoch_times.append(time.time() - t0)
+            left = (n_epochs - next_epoch) * float(np.mean(epoch_times[-5:]))
+            log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs, "
+                     "%.1f img/s; fold ETA %s", fold, epoch + 1, n_epochs, loss_name, loss_sum / max(seen, 1),
+                     val_loss, metric, iou, best_metric, epoch_times[-1], seen / max(train_seconds, 1e-9),
+                     _clock(time.time() + left))
+        barrier(ctx)
+        epoch = next_epoch
+        if stop_after is not None and epoch >= stop_after and epoch < n_epochs:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
+
+    # every rank must end with the same weights: record their checksums (one per rank)
+    digest = hashlib.sha1(b"".join(v.detach().cpu().float().numpy().tobytes()
+                                   for v in model.state_dict().values())).hexdigest()
+    rank_digests = all_gather_objects(digest, ctx)
+    if len(set(rank_digests)) != 1:
+        raise TrainingError(f"fold {fold}: model weights differ across the {ctx.world} processes")
+
+    # out-of-fold probabilities from the best weights, with flip TTA
+    best = load_checkpoint(best_path) if best_path.exists() else None
+    if best is None:
+        barrier(ctx)
+        best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    tta = cfg["predict"]["tta"]
+    _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg, precision,
+                                              get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
+    done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
+            "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
+            "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
+            "precision": precision.name, "epochs_planned": n_epochs,
+            "weights_sha1_per_rank": rank_digests}
+    if ctx.is_main:
+        with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16))
+        write_json_atomic(fdir / "done.json", done)
+        last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
+        log.info("fold %d done: best metric %.4f (epoch %d), OOF with TTA %.4f", fold, best_metric,
+                 best_epoch + 1, metric_tta)
+    barrier(ctx)
+    return done
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def start_epoch_of(last_path: Path) -> str:
+    try:
+        return str(load_checkpoint(last_path)["epoch"])
+    except Exception:
+        return "?"
+
+
+class ProgressLog:
+    """When no progress bar shows (output is not a terminal): a log line every ``every`` seconds
+    within an epoch, with the loss, images/s and the epoch's ETA."""
+
+    def __init__(self, fold: int, epoch: int, n_epochs: int, n_batches: int, enabled: bool, every: float = 30.0):
+        self.fold, self.epoch, self.n_epochs, self.n_batches = fold, epoch, n_epochs, n_batches
+        self.enabled, self.every = enabled, every
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, loss: float, seen: int) -> None:
+        now = time.time()
+        if not self.enabled or now - self.last < self.every or done >= self.n_batches:
+            return
+        self.last = now
+        rate = done / (now - self.t0)
+        log.info("fold %d epoch %d/%d: batch %d/%d, loss %.4f, %.1f img/s, epoch ETA %s", self.fold,
+                 self.epoch + 1, self.n_epochs, done, self.n_batches, loss, seen / (now - self.t0),
+                 _clock(now + (self.n_batches - done) / max(rate, 1e-9)))
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- command
+
+def parse_folds(arg_fold, arg_folds, cfg) -> list[int]:
+    k = cfg["folds"]["k"]
+    if arg_fold is not None:
+        folds = [arg_fold]
+    elif arg_folds:
+        try:
+            folds = [int(x) for x in str(arg_folds).split(",") if x.strip() != ""]
+        except ValueError:
+            raise UserError(f"--folds {arg_folds!r}: expected comma-separated integers like 0,1,2") from None
+    elif cfg["folds"]["train_folds"] is not None:
+        folds = list(cfg["folds"]["train_folds"])
+    else:
+        folds = list(range(k))
+    bad = [f for f in folds if not 0 <= f < k]
+    if bad:
+        raise UserError(f"fold {bad[0]} is out of range: this config has folds 0..{k - 1}")
+    return folds
+
+
+# ----------------------------------------------------------------------------- precision and time plan
+
+def precision_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "precision.json"
+
+
+def _device_facts(device: torch.device) -> dict:
+    facts = {"device_type": device.type, "cpu": hardware.cpu_name(), "cpu_kind": hardware.cpu_kind(),
+             "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["capability"] = list(torch.cuda.get_device_capability(device))
+    return facts
+
+
+def read_precision(run_dir: Path) -> dict | None:
+    p = precision_path(run_dir)
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_idx: np.ndarray,
+                    val_idx: np.ndarray, want_rates: bool) -> dict:
+    """The run's precision and layout (probed on CPU when the config says auto) and the measured
+    rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
+    device with the same settings."""
+    t = cfg["train"]
+    settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last")}
+    facts = _device_facts(device)
+    saved = read_precision(run_dir)
+    same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
+        and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates)
+    if same:
+        prec = Precision.from_dict(saved["precision"])
+        log.info("precision: %s (chosen before, %s; %s)", prec.name, prec.reason, precision_path(run_dir))
+        return saved
+
+    from tgs_salt.models import build_model
+
+    t0 = time.time()
+    torch.manual_seed(int(t["seed"]))
+    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
+    builder = InputBuilder(cfg["input"]["channels"], geo)
+    model = build_model(cfg["model"], builder.n_channels).to(device)
+    batch = min(t["batch_size"], len(train_idx))
+    rows = train_idx[:batch]
+    x = builder(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
+    y = builder.target(torch.from_numpy(data.masks[rows]).to(device))
+    timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device)
+    cap = facts.get("capability")
+    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None)
+    train_rate = prec.rates.get(prec.name)
+    if want_rates and train_rate is None:
+        train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
+    out = {**facts, "settings": settings, "precision": prec.to_dict(), "train_rate": train_rate}
+    if want_rates:
+        vb = min(t["val_batch_size"], 64, len(val_idx))
+        vrows = val_idx[:vb]
+        xv = builder(torch.from_numpy(data.images[vrows]).to(device),
+                     torch.from_numpy(data.depths[vrows]).to(device))
+        out["eval_rate"] = round(hardware.time_inference(model, xv, prec, device), 2)
+        out["data_s_per_image"] = _augment_cost(cfg, data, train_idx)
+    out["probe_seconds"] = round(time.time() - t0, 1)
+    write_json_atomic(precision_path(run_dir), out)
+    rates = ", ".join(f"{k} {v:g}" for k, v in prec.rates.items()) or "not measured"
+    log.info("precision: %s (%s); training img/s: %s; probe took %.0f s", prec.name, prec.reason, rates,
+             out["probe_seconds"])
+    return out
+
+
+def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 64) -> float:
+    """Seconds per training image spent on augmentation and batching (the main process's share)."""
+    ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx],
+                         build_augment(cfg["augment"]), 0)
+    n = min(n, len(ds))
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    return round((time.perf_counter() - t0) / max(n, 1), 6)
+
+
+def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, *, n_train: int, n_val: int,
+               n_test: int, n_folds: int, n_models: int, world: int, job_start: float,
+               will_calibrate: bool = True) -> dict:
+    """The run's time plan: read from ``plan.json``, or made from the measured rates and written."""
+    plan = B.read_plan(run_dir)
+    if plan is not None:
+        B.check_same_budget(plan, budget_min, run_dir)
+        log.info("following the time plan in %s: epochs per stage %s", B.plan_path(run_dir), plan["epochs"])
+        return plan
+    scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
+    costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
+                    n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
+                    tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale)
+    elapsed = time.time() - job_start
+    plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
+    plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
+                 "config_epochs": [s["epochs"] for s in cfg["train"]["stages"]], "costs": B.to_dict(costs),
+                 "warmup_epochs": B.planned_warmup(cfg), "precision": Precision.from_dict(rates["precision"]).name,
+                 # folds trained in parallel processes keep the probe's plan: they could not agree on a change
+                 "calibrated": False if will_calibrate else None})
+    B.write_plan(run_dir, plan)
+    log.info(B.describe(plan))
+    return plan
+
+
+def _calibrator(run_dir: Path):
+    """The callback that corrects a fresh time plan with the job's first measured epoch."""
+    def calibrate(first_epoch_s: float) -> list[int] | None:
+        plan = B.read_plan(run_dir)
+        if plan is None or plan.get("calibrated") is not False:
+            return None
+        new = B.calibrate(plan, first_epoch_s, time.time())
+        B.write_plan(run_dir, new)
+        log.info("time plan calibrated on the first epoch (%.0f s measured, %.0f s estimated): epochs per stage "
+                 "%s -> %s; the job should end at %s (%.1f min)", first_epoch_s, plan["epoch_s"], plan["epochs"],
+                 new["epochs"], time.strftime("%H:%M", time.localtime(new["job_start"] + new["total_s"])),
+                 new["total_s"] / 60)
+        return new["epochs"]
+    return calibrate
+
+
+def job_start_time() -> float:
+    """When the job started: ``TGS_JOB_START`` (set by run_all.sh after set-up), else now."""
+    v = os.environ.get("TGS_JOB_START")
+    try:
+        return float(v) if v else time.time()
+    except ValueError:
+        raise UserError(f"TGS_JOB_START={v!r}: expected seconds since the epoch (date +%s)") from None
+
+
+def count_test_images(data_dir: Path) -> int:
+    d = Path(data_dir) / "test" / "images"
+    return sum(1 for _ in d.glob("*.png")) if d.is_dir() else 0
+
+
+def train_command(args) -> int:
+    from tgs_salt.data import load_train
+    from tgs_salt.data.folds import folds_for
+    from tgs_salt.report import expected_folds
+
+    job_start = job_start_time()
+    cfg = C.load_config(args.config, args.set)
+    budget_min = args.time_budget if args.time_budget is not None else cfg["train"]["time_budget_minutes"]
+    if budget_min is not None and not budget_min > 0:
+        raise UserError(f"--time-budget {budget_min}: a positive number of minutes")
+    parallel = max(1, args.parallel_folds or 1)
+    device = resolve_device(args.device)
+    ctx = init_distributed(device.type)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif ctx.enabled and device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+        data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
+        run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
+        folds_to_train = parse_folds(args.fold, args.folds, cfg)
+        data = load_train(data_dir)
+        fold_file = resolve_fold_file(cfg, data_dir, ctx.is_main)
+        barrier(ctx)
+        folds = folds_for(data.ids, fold_file)
+        if ctx.is_main:
+            prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
+        barrier(ctx)
+        pending = [f for f in folds_to_train if args.force or not is_done(run_dir, f)]
+
+        # precision (probed once per run on CPU) and the time plan, made by the main process
+        train_cfg, precision, calibrate = cfg, None, None
+        if pending or args.plan_only:
+            first = pending[0] if pending else folds_to_train[0]
+            tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
+            need_plan = budget_min is not None and B.read_plan(run_dir) is None
+            if ctx.is_main:
+                info = setup_precision(run_dir, cfg, device, data, tr, va, want_rates=need_plan)
+            barrier(ctx)
+            info = read_precision(run_dir) if not ctx.is_main else info
+            precision = Precision.from_dict(info["precision"])
+            if budget_min is not None:
+                if ctx.is_main:
+                    per_epoch = len(tr) // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
+                    if cfg["train"]["max_train_batches"]:
+                        per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
+                    made_here = B.read_plan(run_dir) is None
+                    setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
+                               n_test=count_test_images(data_dir), n_folds=-(-max(len(pending), 1) // parallel),
+                               n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
+                               will_calibrate=not args.plan_only and parallel == 1)
+                    if made_here and not args.plan_only and parallel == 1:
+                        calibrate = _calibrator(run_dir)
+                barrier(ctx)
+                if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
+                    calibrate = lambda seconds: None  # noqa: E731  (every rank joins the broadcast)
+                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
+        if args.plan_only:
+            if ctx.is_main:
+                print(run_dir)
+            return 0
+
+        stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
+        workers = args.workers if args.workers is not None else (
+            min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
+        for fold in folds_to_train:
+            fdir = fold_dir(run_dir, fold)
+            if fold not in pending:
+                if ctx.is_main:
+                    log.info("fold %d is complete in %s: skipped (--force retrains)", fold, fdir)
+                continue
+            # one trainer per fold: a second process (or a second --resume) is refused, naming the first
+            lock = exclusive_lock(fdir / ".lock", f"fold {fold} of {run_dir}") if ctx.is_main \
+                else contextlib.nullcontext()
+            with lock:
+                if args.force and ctx.is_main:
+                    for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
+                        (fdir / f).unlink(missing_ok=True)
+                barrier(ctx)
+                if budget_min is not None:  # the plan as it stands (calibrated by an earlier fold, maybe)
+                    train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
+                train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
+                           workers=workers, ctx=ctx, precision=precision, calibrate=calibrate,
+                           stop_after=int(stop_after) if stop_after else None)
+                calibrate = None  # only the job's first epoch calibrates
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(run_dir)
+    return 0

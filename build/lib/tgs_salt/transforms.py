@@ -1,0 +1,181 @@
+"""Input geometry, input channels, augmentation and flip TTA.
+
+The pad/crop contract: a 101x101 image is resized to ``resize`` (101 keeps it), padded to
+``pad_to`` for the network, and the network output is cropped back to the ``resize`` region
+(for the loss) and resized to 101x101 (for the metric, post-processing and RLE).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+IMG_MEAN, IMG_STD = 0.47, 0.16         # train-set statistics of image / 255
+DEPTH_MEAN, DEPTH_STD = 506.0, 209.0   # train-set statistics of z
+
+
+class Geometry:
+    def __init__(self, resize: int = 101, pad_to: int = 128, pad_mode: str = "reflect"):
+        self.resize, self.pad_to, self.pad_mode = resize, pad_to, pad_mode
+        total = pad_to - resize
+        self.before = total // 2
+        self.after = total - self.before
+
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., pad_to, pad_to) -> (..., resize, resize)."""
+        b = self.before
+        return t[..., b:b + self.resize, b:b + self.resize]
+
+    def to_101(self, t: torch.Tensor) -> torch.Tensor:
+        """Cropped (B, 1, resize, resize) maps back to 101x101 (bilinear)."""
+        if self.resize == 101:
+            return t
+        return F.interpolate(t, size=(101, 101), mode="bilinear", align_corners=False)
+
+    def output_to_101(self, out: torch.Tensor) -> torch.Tensor:
+        """Network-sized maps (B, 1, pad_to, pad_to) -> (B, 1, 101, 101)."""
+        return self.to_101(self.crop(out))
+
+
+class InputBuilder:
+    """Turns uint8 images (B, 101, 101) and depths (B,) into network input (B, C, pad_to, pad_to)."""
+
+    def __init__(self, channels: list[str], geometry: Geometry):
+        self.channels = list(channels)
+        self.geo = geometry
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    def __call__(self, images: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+        g = self.geo
+        x = images.float().unsqueeze(1) / 255.0
+        x = (x - IMG_MEAN) / IMG_STD
+        if g.resize != 101:
+            x = F.interpolate(x, size=(g.resize, g.resize), mode="bilinear", align_corners=False)
+        pad = (g.before, g.after, g.before, g.after)
+        if any(pad):
+            mode = {"reflect": "reflect", "edge": "replicate", "constant": "constant"}[g.pad_mode]
+            x = F.pad(x, pad, mode=mode)
+        b, size = x.shape[0], g.pad_to
+        # row coordinate: -1 at the top of the true region, +1 at its bottom, linear beyond
+        rows = (torch.arange(size, dtype=torch.float32, device=x.device) - g.before) / max(g.resize - 1, 1) * 2 - 1
+        row_plane = rows.view(1, 1, size, 1).expand(b, 1, size, size)
+        planes = []
+        for c in self.channels:
+            if c == "image":
+                planes.append(x)
+            elif c == "depth":
+                z = (depths.float().to(x.device) - DEPTH_MEAN) / DEPTH_STD
+                planes.append(z.view(b, 1, 1, 1).expand(b, 1, size, size))
+            elif c == "row":
+                planes.append(row_plane)
+            elif c == "image_x_row":
+                planes.append(x * row_plane)
+        return torch.cat(planes, dim=1).contiguous()
+
+    def target(self, masks: torch.Tensor) -> torch.Tensor:
+        """Bool masks (B, 101, 101) -> float targets (B, 1, resize, resize)."""
+        t = masks.float().unsqueeze(1)
+        if self.geo.resize != 101:
+            t = (F.interpolate(t, size=(self.geo.resize,) * 2, mode="bilinear", align_corners=False) > 0.5).float()
+        return t
+
+
+def build_augment(a: dict, strict: bool = False, record: bool = False):
+    """Albumentations pipeline on the 101x101 uint8 image and mask (None when all off).
+    ``record`` lists the transforms that fired in each result's ``applied_transforms``."""
+    import albumentations as A
+    import cv2
+
+    ops = []
+    if a["hflip"] > 0:
+        ops.append(A.HorizontalFlip(p=a["hflip"]))
+    if a["vflip"] > 0:
+        ops.append(A.VerticalFlip(p=a["vflip"]))
+    if a["affine_p"] > 0:
+        ops.append(A.Affine(scale=(1 - a["scale"], 1 + a["scale"]), translate_percent=(-a["shift"], a["shift"]),
+                            rotate=(-a["rotate"], a["rotate"]), border_mode=cv2.BORDER_REFLECT_101,
+                            p=a["affine_p"]))
+    if a["brightness_contrast_p"] > 0:
+        ops.append(A.RandomBrightnessContrast(brightness_limit=a["brightness"], contrast_limit=a["contrast"],
+                                              p=a["brightness_contrast_p"]))
+    if not ops:
+        return None
+    return A.Compose(ops, strict=strict, seed=0, save_applied_params=record)
+
+
+def seed_augment(augment, seed: int, epoch: int, index: int) -> None:
+    """Seed ``augment`` (an albumentations Compose) for sample ``index`` of ``epoch``.
+
+    Each transform gets its own generator from SeedSequence((seed, epoch, index)). Compose's own
+    ``set_random_seed`` gives every child the *same* seed, so that with equal probabilities all
+    transforms fire together or not at all (measured: only the patterns all-off and all-on occur).
+    """
+    transforms = list(augment.transforms)
+    states = np.random.SeedSequence([seed, epoch, index]).generate_state(len(transforms) + 1)
+    augment.set_random_seed(int(states[0]))  # the Compose's own draws (and, for now, every child's)
+    for t, s in zip(transforms, states[1:]):
+        t.set_random_seed(int(s))          # then one independent stream per transform
+
+
+class AugmentedArrays(torch.utils.data.Dataset):
+    """In-memory (images, masks, depths) with per-sample-seeded augmentation.
+
+    The key of an item is ``epoch * len(self) + i`` (see :class:`EpochKeySampler`): sample ``i`` of
+    epoch ``e`` is augmented with seed (seed, e, i), the same whatever the worker count, rank or
+    resume point. The epoch travels with the key because DataLoader workers hold their own copy of
+    the dataset (persistent workers keep it for the whole run), so an attribute set on the
+    main process's copy would never reach them. A key below ``len(self)`` is sample ``key`` of epoch 0.
+    """
+
+    def __init__(self, images, masks, depths, augment=None, seed: int = 0):
+        self.images, self.masks, self.depths = images, masks, depths
+        self.augment, self.seed = augment, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), len(self))
+        img, mask = self.images[i], self.masks[i]
+        if self.augment is not None:
+            seed_augment(self.augment, self.seed, epoch, i)
+            out = self.augment(image=img, mask=mask.astype(np.uint8))
+            img, mask = out["image"], out["mask"].astype(bool)
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(mask)), \
+            torch.tensor(self.depths[i], dtype=torch.float32)
+
+
+class EpochKeySampler(torch.utils.data.Sampler):
+    """Wraps an index sampler (e.g. DistributedSampler) so that it yields ``epoch * n + i``."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n, self.epoch = sampler, n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        base = self.epoch * self.n
+        return (base + int(i) for i in self.sampler)
+
+
+def hflip_tta(forward, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+    """Mean probability of ``forward(x)`` and the flipped-back ``forward(flip(x))``."""
+    p = torch.sigmoid(forward(x).float())
+    if not tta:
+        return p
+    pf = torch.sigmoid(forward(torch.flip(x, dims=[-1])).float())
+    return 0.5 * (p + torch.flip(pf, dims=[-1]))
