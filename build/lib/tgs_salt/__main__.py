@@ -1,3 +1,0 @@
-from tgs_salt.cli import main
-
-raise SystemExit(main())
