@@ -318,3 +318,27 @@ def test_install_path_per_torch_build(build, want):
     r = subprocess.run(["bash", "-c", f". {REPO}/scripts/ensure_env.sh"], capture_output=True, text=True,
                        env={**env, "TGS_TORCH": "cu999"})
     assert r.returncode == 2 and "pypi, cu126 or system" in r.stderr
+
+
+def test_run_all_device_probe_reports_unusable_gpus(monkeypatch, capsys):
+    """run_all.sh asks `device_type_command` which device --device auto means; unusable GPUs give
+    the instructions and exit 2, not a traceback."""
+    from tgs_salt.cli import device_type_command
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(H, "nvidia_smi_gpus", lambda: ["GPU 0: Tesla V100-SXM2-16GB (UUID: GPU-1)"])
+    assert device_type_command("auto") == 2
+    err = capsys.readouterr().err
+    assert "V100" in err and "TGS_TORCH" in err and "Traceback" not in err
+    monkeypatch.setattr(H, "nvidia_smi_gpus", lambda: [])
+    assert device_type_command("auto") == 0 and capsys.readouterr().out.strip() == "cpu"
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    from tgs_salt.cli import main
+
+    assert main(["score", str(tmp_path / "nope.csv"), "--truth", str(tmp_path / "t.csv")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["-v", "score", str(tmp_path / "nope.csv"), "--truth", str(tmp_path / "t.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "does not exist" in err

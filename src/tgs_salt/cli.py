@@ -134,10 +134,6 @@ def device_type_command(name: str) -> int:
         print(resolve_device(name).type)
         return 0
     except UserError as exc:
-        if args.verbose:  # -v: the traceback too, for a bug report
-            import traceback
-
-            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
