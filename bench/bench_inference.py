@@ -16,13 +16,13 @@ from tgs_salt import hardware
 from tgs_salt.config import load_config
 from tgs_salt.models import build_model
 from tgs_salt.predict import FoldModel, predict_test
-from tgs_salt.transforms import Geometry, InputBuilder
+from tgs_salt.transforms import InputBuilder
 
 
 def fold_model(cfg, device):
     m = FoldModel.__new__(FoldModel)
     m.cfg = cfg
-    m.builder = InputBuilder(cfg["input"]["channels"], Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"]))
+    m.builder = InputBuilder.from_config(cfg)
     m.precision = hardware.for_inference(None, device)  # this device's rule (bf16 only where native)
     m.mf = m.precision.memory_format
     m.model = build_model(dict(cfg["model"], encoder_weights=None), m.builder.n_channels).to(

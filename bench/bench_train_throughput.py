@@ -19,7 +19,7 @@ from tgs_salt import hardware as H
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
 from tgs_salt.models import build_model
-from tgs_salt.transforms import Geometry, InputBuilder
+from tgs_salt.transforms import InputBuilder
 
 
 def fp32_peak(device, n=2048, reps=10) -> float:
@@ -57,8 +57,8 @@ def main():
         torch.backends.cudnn.benchmark = True
     cfg = load_config(a.config)
     batch = a.batch or cfg["train"]["batch_size"]
-    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
-    builder = InputBuilder(cfg["input"]["channels"], geo)
+    builder = InputBuilder.from_config(cfg)
+    geo = builder.geo
     torch.manual_seed(0)
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels).to(device)
     x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to, device=device)

@@ -18,18 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def hardware() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from tgs_salt import hardware as H
 
     flags = H.cpu_flags()
-    info = {"cpu": cpu, "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(flags),
+    info = {"cpu": H.cpu_name(), "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(flags),
             "cpu_flags_of_note": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}

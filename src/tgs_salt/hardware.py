@@ -154,7 +154,6 @@ class Precision:
     channels_last: bool = False
     reason: str = ""
     rates: dict = field(default_factory=dict)   # candidate name -> measured training images/s
-    eval_rate: float | None = None              # inference images/s (no TTA) with the choice
 
     @property
     def name(self) -> str:
@@ -178,7 +177,7 @@ class Precision:
 
     @classmethod
     def from_dict(cls, d: dict) -> Precision:
-        return cls(**{k: d[k] for k in ("dtype", "channels_last", "reason", "rates", "eval_rate") if k in d})
+        return cls(**{k: d[k] for k in ("dtype", "channels_last", "reason", "rates") if k in d})
 
 
 def candidate_name(dtype: str | None, channels_last: bool) -> str:

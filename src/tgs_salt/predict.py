@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgs_salt import paths
+from tgs_salt import hardware, paths
 from tgs_salt.errors import UserError
+from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
-from tgs_salt import hardware
-from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.train import load_checkpoint
-from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
+from tgs_salt.transforms import InputBuilder, hflip_tta
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ class FoldModel:
         self.precision = precision
         cfg = ck["config"]
         self.cfg = cfg
-        geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
-        self.builder = InputBuilder(cfg["input"]["channels"], geo)
+        self.builder = InputBuilder.from_config(cfg)
         model_cfg = dict(cfg["model"], encoder_weights=None)  # weights come from the checkpoint
         self.model = build_model(model_cfg, self.builder.n_channels)
         self.model.load_state_dict(ck["model"])
@@ -94,8 +92,6 @@ def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.n
 
 
 def predict_command(args) -> int:
-    from tgs_salt.data import load_test
-
     run_dirs = [Path(p) for p in args.run_dir]
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: a positive number of images")

@@ -29,11 +29,11 @@ from tgs_salt import config as C
 from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
+from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
-from tgs_salt.hardware import Precision, resolve_device  # noqa: F401  (resolve_device: re-exported)
-from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, Geometry, InputBuilder, build_augment, hflip_tta
+from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment, hflip_tta
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
@@ -269,8 +269,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
 
     seed = int(t["seed"]) + 1000 * fold
     torch.manual_seed(seed)
-    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
-    builder = InputBuilder(cfg["input"]["channels"], geo)
+    builder = InputBuilder.from_config(cfg)
+    geo = builder.geo
     from tgs_salt.models import build_model
 
     model = build_model(cfg["model"], builder.n_channels)
@@ -571,8 +571,8 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
 
     t0 = time.time()
     torch.manual_seed(int(t["seed"]))
-    geo = Geometry(cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["input"]["pad_mode"])
-    builder = InputBuilder(cfg["input"]["channels"], geo)
+    builder = InputBuilder.from_config(cfg)
+    geo = builder.geo
     model = build_model(cfg["model"], builder.n_channels).to(device)
     batch = min(t["batch_size"], len(train_idx))
     rows = train_idx[:batch]
@@ -702,7 +702,7 @@ def train_command(args) -> int:
         pending = [f for f in folds_to_train if args.force or not is_done(run_dir, f)]
 
         # precision (probed once per run on CPU) and the time plan, made by the main process
-        train_cfg, precision, calibrate = cfg, None, None
+        precision, calibrate = None, None
         if pending or args.plan_only:
             first = pending[0] if pending else folds_to_train[0]
             tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
@@ -717,17 +717,16 @@ def train_command(args) -> int:
                     per_epoch = len(tr) // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
                     if cfg["train"]["max_train_batches"]:
                         per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
-                    made_here = B.read_plan(run_dir) is None
-                    setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
-                               n_test=count_test_images(data_dir), n_folds=-(-max(len(pending), 1) // parallel),
-                               n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
-                               will_calibrate=not args.plan_only and parallel == 1)
-                    if made_here and not args.plan_only and parallel == 1:
+                    plan = setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
+                                      n_test=count_test_images(data_dir),
+                                      n_folds=-(-max(len(pending), 1) // parallel),
+                                      n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
+                                      will_calibrate=not args.plan_only and parallel == 1)
+                    if plan.get("calibrated") is False:  # a fresh plan, still to be corrected by epoch 1
                         calibrate = _calibrator(run_dir)
                 barrier(ctx)
                 if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
                     calibrate = lambda seconds: None  # noqa: E731  (every rank joins the broadcast)
-                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
         if args.plan_only:
             if ctx.is_main:
                 print(run_dir)
@@ -750,8 +749,8 @@ def train_command(args) -> int:
                     for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
                         (fdir / f).unlink(missing_ok=True)
                 barrier(ctx)
-                if budget_min is not None:  # the plan as it stands (calibrated by an earlier fold, maybe)
-                    train_cfg = B.apply_plan(cfg, B.read_plan(run_dir))
+                # the plan as it stands (calibrated by an earlier fold, maybe)
+                train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)) if budget_min is not None else cfg
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
                            workers=workers, ctx=ctx, precision=precision, calibrate=calibrate,
                            stop_after=int(stop_after) if stop_after else None)

@@ -49,6 +49,12 @@ class InputBuilder:
         self.channels = list(channels)
         self.geo = geometry
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> InputBuilder:
+        """The builder of a config's ``input`` section (channels and geometry)."""
+        i = cfg["input"]
+        return cls(i["channels"], Geometry(i["resize"], i["pad_to"], i["pad_mode"]))
+
     @property
     def n_channels(self) -> int:
         return len(self.channels)
