@@ -40,7 +40,8 @@ def train_flops_per_image(model, x, y, loss_fn, crop) -> float:
 
     m = model.train()
     with FlopCounterMode(display=False) as fc:
-        loss = loss_fn(crop(m(x)).float(), y)
+        out = m(x)
+        loss = loss_fn(crop(out[0] if isinstance(out, tuple) else out).float(), y)
         loss.backward()
     m.zero_grad(set_to_none=True)
     return fc.get_total_flops() / len(x)

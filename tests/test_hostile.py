@@ -231,7 +231,7 @@ def test_full_disk_submission(tmp_path):
 def test_full_disk_checkpoint(tmp_path):
     out = tmp_path / "best.pt"
     r = _with_file_size_limit(
-        "import torch\nfrom tgs_salt.train import save_checkpoint\nfrom tgs_salt.errors import UserError\n"
+        "import torch\nfrom tgs_salt.rundir import save_checkpoint\nfrom tgs_salt.errors import UserError\n"
         f"try:\n    save_checkpoint({{'model': {{'w': torch.zeros(1 << 20)}}}}, __import__('pathlib').Path(r'{out}'))\n"
         "except UserError as e:\n    print('USERERROR', e)\n")
     assert "USERERROR no space left on" in r.stdout and "need about 4 MB" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -9,32 +9,52 @@ import torch
 from conftest import run_cli
 from helpers import tiny_config
 from tgs_salt.errors import UserError
-from tgs_salt.postprocess import PostProcess, apply, is_blank
+from tgs_salt.postprocess import PostProcess, apply, is_blank, nested_scores, split_groups, tune
 from tgs_salt.predict import predict_test
 from tgs_salt.submission import validate_submission
-from tgs_salt.transforms import Geometry, InputBuilder, hflip_tta
+from tgs_salt.hardware import Precision
+from tgs_salt.inference import predict_batch
+from tgs_salt.transforms import Geometry, InputBuilder
+
+
+CPU = torch.device("cpu")
+FP32 = Precision(None, False)
+
+
+def _images(n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 255, (n, 101, 101), dtype=np.uint8)), torch.tensor([100.0, 500.0][:n])
 
 
 def test_tta_equivariant_model_unchanged():
-    x = torch.randn(2, 3, 16, 16)
+    builder = InputBuilder(["image", "row"], Geometry(101, 128))
+    img, dep = _images()
 
     def pixelwise(inp):
-        return inp[:, :1] * 1.7 - inp[:, 1:2]
+        return inp[:, :1] * 1.7
 
-    np.testing.assert_allclose(hflip_tta(pixelwise, x, tta=True), hflip_tta(pixelwise, x, tta=False), atol=1e-6)
+    with_tta, _ = predict_batch(pixelwise, builder, img, dep, CPU, FP32, tta=True)
+    without, cls = predict_batch(pixelwise, builder, img, dep, CPU, FP32, tta=False)
+    assert cls is None and with_tta.shape == (2, 101, 101)
+    torch.testing.assert_close(with_tta, without)
 
 
-def test_tta_flips_back():
-    x = torch.randn(1, 1, 8, 8)
+def test_tta_flips_back_and_averages_the_classifier():
+    builder = InputBuilder(["image"], Geometry(101, 128))
+    img, dep = _images(1)
+    x = builder(img, dep)
 
-    def shift_right(inp):
-        return torch.roll(inp, 1, dims=-1)
+    def shift_right(inp):  # not flip-equivariant; its "salt logit" depends on the left column
+        return torch.roll(inp, 1, dims=-1), inp[:, 0, :, :1].mean(dim=(1, 2)).unsqueeze(1)
 
-    got = hflip_tta(shift_right, x, tta=True)
-    right = torch.sigmoid(torch.roll(x, 1, dims=-1))
-    left = torch.sigmoid(torch.roll(x, -1, dims=-1))
+    got, cls = predict_batch(shift_right, builder, img, dep, CPU, FP32, tta=True)
+    crop = builder.geo.output_to_101
+    right = crop(torch.sigmoid(torch.roll(x, 1, dims=-1)))[:, 0]
+    left = crop(torch.sigmoid(torch.roll(x, -1, dims=-1)))[:, 0]
     torch.testing.assert_close(got, 0.5 * (right + left))
     assert not torch.allclose(got, right)
+    expected = 0.5 * (torch.sigmoid(x[:, 0, :, 0].mean(1)) + torch.sigmoid(x[:, 0, :, -1].mean(1)))
+    torch.testing.assert_close(cls, expected)
 
 
 def test_pad_crop_contract_with_tta():
@@ -48,32 +68,42 @@ def test_pad_crop_contract_with_tta():
         def model(inp):
             return inp[:, :1] * 3.0
 
-        with_tta = builder.geo.output_to_101(hflip_tta(model, x, True))
-        without = builder.geo.output_to_101(hflip_tta(model, x, False))
-        assert with_tta.shape == (2, 1, 101, 101)
+        with_tta, _ = predict_batch(model, builder, img, torch.tensor([100.0, 500.0]), CPU, FP32, True)
+        without, _ = predict_batch(model, builder, img, torch.tensor([100.0, 500.0]), CPU, FP32, False)
+        assert with_tta.shape == (2, 101, 101)
         torch.testing.assert_close(with_tta, without)
         if resize == 101:  # exact crop: recovers the normalised image
-            expected = torch.sigmoid(3.0 * builder(img, torch.zeros(2))[:, :1, 13:114, 13:114])
+            expected = torch.sigmoid(3.0 * builder(img, torch.zeros(2))[:, 0, 13:114, 13:114])
             torch.testing.assert_close(with_tta, expected)
 
 
 class ConstModel:
-    def __init__(self, value):
+    def __init__(self, value, cls=None):
         self.value = value
 
+        self.cfg = {"model": {"cls_head": cls is not None}}
+        self.cls = cls
+
     def probs(self, images, depths, tta=True):
-        return torch.full((len(images), 101, 101), float(self.value))
+        c = None if self.cls is None else torch.full((len(images),), float(self.cls))
+        return torch.full((len(images), 101, 101), float(self.value)), c
 
 
 def test_ensemble_averaging_weights_runs_and_folds():
     images = np.zeros((5, 101, 101), np.uint8)
     depths = np.zeros(5, np.float32)
     ens = [([ConstModel(0.2), ConstModel(0.4)], None), ([ConstModel(0.9)], None)]
-    out = predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=2)
-    assert out.dtype == np.float16 and out.shape == (5, 101, 101)
+    out, cls = predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=2)
+    assert out.dtype == np.float16 and out.shape == (5, 101, 101) and cls is None
     np.testing.assert_allclose(out, 0.5 * 0.3 + 0.5 * 0.9, atol=1e-3)
-    out = predict_test(ens, np.array([0.75, 0.25]), images, depths, torch.device("cpu"), batch_size=3)
+    out, _ = predict_test(ens, np.array([0.75, 0.25]), images, depths, torch.device("cpu"), batch_size=3)
     np.testing.assert_allclose(out, 0.75 * 0.3 + 0.25 * 0.9, atol=1e-3)
+    # salt probabilities are averaged the same way, when every model has a classifier
+    ens = [([ConstModel(0.2, 0.1), ConstModel(0.4, 0.3)], None), ([ConstModel(0.9, 0.8)], None)]
+    _, cls = predict_test(ens, np.array([0.75, 0.25]), images, depths, torch.device("cpu"), batch_size=3)
+    np.testing.assert_allclose(cls, 0.75 * 0.2 + 0.25 * 0.8, atol=1e-6)
+    ens[1][0].append(ConstModel(0.5))  # one model without a classifier: no salt probabilities
+    assert predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3)[1] is None
 
 
 def test_postprocess_threshold_min_area_and_blank_images():
@@ -87,6 +117,56 @@ def test_postprocess_threshold_min_area_and_blank_images():
     m = apply(probs, PostProcess(0.5, 20), images)
     assert m[0].sum() == 100 and m[1].sum() == 0 and m[2].sum() == 0
     assert apply(probs, PostProcess(0.85, 0)).sum() == 0
+
+
+def _salt_case(n=120, seed=0):
+    """Truth: half the images empty. Probabilities: a fair mask on the salt images, and a
+    confident false blob on a third of the empty ones, which a classifier knows to be empty."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((n, 101, 101), bool)
+    probs = np.zeros((n, 101, 101), np.float32)
+    salt = np.arange(n) % 2 == 0
+    for i in np.flatnonzero(salt):
+        h = int(rng.integers(20, 80))
+        truth[i, :h] = True
+        probs[i, :h] = 0.7
+    false = ~salt & (np.arange(n) % 3 == 0)
+    probs[false, 40:70, 40:70] = 0.9
+    cls = np.where(salt, 0.8, 0.05).astype(np.float32)
+    return probs, truth, cls, false
+
+
+def test_classifier_threshold_empties_masks_and_is_tuned():
+    probs, truth, cls, false = _salt_case()
+    cfg = {"postprocess": {"thresholds": [0.05, 0.95, 19], "min_areas": [0, 10], "default_threshold": 0.5}}
+    m = apply(probs, PostProcess(0.5, 0, 0.5), cls=cls)
+    assert not m[false].any() and m[::2].any(axis=(1, 2)).all()
+    assert apply(probs, PostProcess(0.5, 0, None), cls=cls)[false].all(axis=0)[50, 50]  # off: masks kept
+    best, sweep = tune(probs, truth, cfg, cls)
+    assert best.cls_threshold is not None and 0.05 < best.cls_threshold <= 0.8
+    assert sweep["score_tuned"] == pytest.approx(1.0)
+    plain, sweep_plain = tune(probs, truth, cfg)  # no classifier: the false blobs cost their images
+    assert plain.cls_threshold is None and sweep_plain["score_tuned"] == pytest.approx(1 - false.mean())
+
+
+def test_nested_scores_tune_on_the_other_groups_only():
+    probs, truth, cls, false = _salt_case(n=90)
+    cfg = {"postprocess": {"thresholds": [0.05, 0.95, 19], "min_areas": [0], "default_threshold": 0.5}}
+    # group 1 holds the only images where the blobs are real salt: tuned on it alone, the
+    # classifier cut would remove them, so its nested post-processing must come from group 0
+    truth2, cls2 = truth.copy(), cls.copy()
+    groups = (np.arange(90) >= 45).astype(int)
+    special = false & (groups == 1)
+    truth2[special, 40:70, 40:70] = True
+    scores, chosen = nested_scores(probs, truth2, cfg, groups, cls2)
+    assert [c["group"] for c in chosen] == [0, 1]
+    assert chosen[1]["cls_threshold"] > 0.05  # learnt on group 0, where blobs are false
+    assert scores[special].max() == 0.0       # so group 1's real blobs are emptied: an honest loss
+    _, same = tune(probs, truth2, cfg, cls2)  # tuned on all the images it scores: optimistic
+    assert scores.mean() < same["score_tuned"]
+    groups1, how = split_groups(np.zeros(90, int))
+    assert set(np.unique(groups1)) == {0, 1} and abs(groups1.sum() - 45) <= 1 and "half" in how
+    assert split_groups(np.arange(90) % 5)[0].tolist() == (np.arange(90) % 5).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +190,8 @@ def test_predict_writes_a_valid_submission(predicted, synth_dir):
     with np.load(run_dir / "test_probs.npz") as z:
         assert z["probs"].dtype == np.float16 and z["probs"].shape == (20, 101, 101)
     info = json.loads((run_dir / "submission.json").read_text())
-    assert info["models"] == 2 and set(info["postprocess"]) == {"threshold", "min_area"}
+    assert info["models"] == 2 and info["postprocess"]["cls_threshold"] is None
+    assert set(info["postprocess"]) == {"threshold", "min_area", "cls_threshold"}
 
 
 def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):

@@ -233,3 +233,21 @@ def test_committed_real_folds_are_reproducible(shared_data, tmp_path):
     committed = REPO_ROOT / "folds" / "tgs-salt-k5-seed42.csv"
     made = make_folds(shared_data, k=5, seed=42, name=str(tmp_path / "f.csv"))
     assert made.read_text() == committed.read_text()
+
+
+# ----------------------------------------------------------------------------- classifier head
+
+@pytest.mark.parametrize("arch", ["plain_unet", "Unet"])
+def test_classifier_head_trains_and_reaches_oof_and_cv(tmp_path, synth_dir, arch):
+    model = {"arch": arch, "cls_head": True, "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, train={
+        "batch_size": 8, "select": "last", "max_train_batches": 3,
+        "stages": [{"loss": "bce_dice", "epochs": 2}]})
+    run = tmp_path / "r"
+    done = train_fold(cfg, 0, run, data, folds, device=torch.device("cpu"))
+    assert done["select"] == "last" and done["kept_epoch"] == 1  # the last epoch, not the best
+    with np.load(run / "fold0" / "oof.npz") as z:
+        cls = z["cls"]
+        assert cls.shape == (len(z["ids"]),) and ((cls >= 0) & (cls <= 1)).all() and cls.std() > 0
+    ck = torch.load(run / "fold0" / "best.pt", weights_only=True)
+    assert any(k.startswith(("cls.", "classification_head.")) for k in ck["model"])

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "decoder_channels": [256, 128, 64, 32, 16],
         "base_channels": 32,            # width of the plain baselines
         "norm": "batch",                # batch | group (plain baselines only)
+        "cls_head": False,              # empty / non-empty classifier on the deepest features; empties masks
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -69,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
+        "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
+        "select": "best",               # weights kept per fold: best (validation metric) | last epoch
         "seed": 42,
         "val_batch_size": 128,
         "max_train_batches": None,      # cap batches per epoch (smoke tests)
@@ -90,6 +93,7 @@ CHOICES = {
     ("train", "amp"): ("auto", True, False),
     ("train", "amp_dtype"): ("auto", "bfloat16", "float16"),
     ("train", "channels_last"): ("auto", True, False),
+    ("train", "select"): ("best", "last"),
 }
 STAGE_KEYS = {"loss", "epochs", "lr"}
 
@@ -98,6 +102,7 @@ STAGE_KEYS = {"loss", "epochs", "lr"}
 INF = float("inf")
 SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "base_channels"): (int, 1, 1024, False),
+    ("model", "cls_head"): (bool, None, None, False),
     ("input", "resize"): (int, 101, 1024, False),
     ("input", "pad_to"): (int, 32, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),
@@ -123,6 +128,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "compile"): (bool, None, None, False),
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
+    ("train", "cls_loss_weight"): (float, 0, 100, False),
     ("train", "seed"): (int, 0, 2**32 - 1, False),
     ("train", "max_train_batches"): (int, 1, 1 << 30, True),
     ("folds", "k"): (int, 2, 1000, False),

@@ -261,6 +261,7 @@ def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
         def step():
             with p.autocast(device):
                 out = m(xb)
+            out = out[0] if isinstance(out, tuple) else out  # a classifier's logit costs nothing here
             loss = loss_fn(crop(out).float(), yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

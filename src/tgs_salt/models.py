@@ -1,7 +1,9 @@
 """Model registry: segmentation-models-pytorch architectures plus two from-scratch baselines.
 
 ``build_model(cfg["model"], in_channels)`` returns a module mapping (B, C, H, W) to logits
-(B, 1, H, W). Unknown names fail with the list of valid ones.
+(B, 1, H, W), or to ``(logits, salt logits (B, 1))`` with ``model.cls_head`` (an empty /
+non-empty classifier on the deepest features, trained jointly; see ``inference.split_output``).
+Unknown names fail with the list of valid ones.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
+    if m["cls_head"] and m["arch"] == "fcn":
+        raise UserError(f"config {where}: model.cls_head is not available for fcn; use a U-Net")
     w = m["encoder_weights"]
     if w not in (None, "imagenet") and not Path(str(w)).expanduser().is_file():
         raise UserError(f"config {where}: model.encoder_weights = {w!r} is neither imagenet, null nor an "
@@ -86,7 +90,8 @@ def _block(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
 class PlainUNet(nn.Module):
     """The original U-Net shape (4 downsamplings), max-pool or strided-convolution downsampling."""
 
-    def __init__(self, in_channels: int, base: int = 32, strided: bool = False, norm: str = "batch"):
+    def __init__(self, in_channels: int, base: int = 32, strided: bool = False, norm: str = "batch",
+                 cls_head: bool = False):
         super().__init__()
         ch = [base * 2 ** i for i in range(5)]
         self.enc = nn.ModuleList([_block(in_channels, ch[0], norm)] +
@@ -96,6 +101,7 @@ class PlainUNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(4)])
         self.dec = nn.ModuleList([_block(ch[i] * 2, ch[i], norm) for i in range(4)])
         self.head = nn.Conv2d(ch[0], 1, 1)
+        self.cls = nn.Linear(ch[4], 1) if cls_head else None
 
     def forward(self, x):
         skips = []
@@ -104,9 +110,10 @@ class PlainUNet(nn.Module):
             skips.append(x)
             x = self.down[i](x)
         x = self.enc[4](x)
+        label = self.cls(x.mean(dim=(2, 3))) if self.cls is not None else None
         for i in reversed(range(4)):
             x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
-        return self.head(x)
+        return self.head(x) if label is None else (self.head(x), label)
 
 
 class PlainFCN(nn.Module):
@@ -159,9 +166,9 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
 def build_model(m: dict, in_channels: int) -> nn.Module:
     arch = m["arch"]
     if arch == "plain_unet":
-        return PlainUNet(in_channels, m["base_channels"], strided=False, norm=m["norm"])
+        return PlainUNet(in_channels, m["base_channels"], strided=False, norm=m["norm"], cls_head=m.get("cls_head", False))
     if arch == "plain_unet_strided":
-        return PlainUNet(in_channels, m["base_channels"], strided=True, norm=m["norm"])
+        return PlainUNet(in_channels, m["base_channels"], strided=True, norm=m["norm"], cls_head=m.get("cls_head", False))
     if arch == "fcn":
         return PlainFCN(in_channels, m["base_channels"], norm=m["norm"])
     if arch not in SMP_ARCHS:
@@ -176,6 +183,8 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
     if arch in ("Unet", "UnetPlusPlus"):
         kwargs["decoder_channels"] = tuple(m["decoder_channels"])
         kwargs["decoder_attention_type"] = m["decoder_attention"]
+    if m.get("cls_head"):  # empty / non-empty logit from the deepest encoder features (avg pool + linear)
+        kwargs["aux_params"] = {"classes": 1, "pooling": "avg", "dropout": None, "activation": None}
     local = weights not in (None, "null", "imagenet")
     try:
         model = cls(encoder_weights=None if local else weights, in_channels=3 if local else in_channels, **kwargs)

@@ -1,4 +1,9 @@
-"""Post-processing tuned on out-of-fold predictions: binarisation threshold and minimum area."""
+"""Post-processing tuned on out-of-fold predictions: binarisation threshold, minimum area and,
+for models with a classifier, the salt probability below which a mask is emptied.
+
+``nested_scores`` gives the honest figure: each group of images (a fold, or half of a single
+fold) is scored with the post-processing tuned on the other groups only.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import numpy as np
 
 from tgs_salt.metric import per_image_scores, threshold_sweep
 
+CLS_GRID = np.round(np.linspace(0.0, 0.9, 10), 2)  # 0 = the classifier never empties a mask
+
 
 @dataclass
 class PostProcess:
     threshold: float = 0.5
     min_area: int = 0
+    cls_threshold: float | None = None  # images whose salt probability is below it get an empty mask
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -24,13 +32,17 @@ def is_blank(images: np.ndarray) -> np.ndarray:
     return (flat == flat[:, :1]).all(axis=1)
 
 
-def apply(probs: np.ndarray, pp: PostProcess, images: np.ndarray | None = None) -> np.ndarray:
-    """Binary masks: prob > threshold, emptied when smaller than min_area or the image is blank."""
+def apply(probs: np.ndarray, pp: PostProcess, images: np.ndarray | None = None,
+          cls: np.ndarray | None = None) -> np.ndarray:
+    """Binary masks: prob > threshold, emptied when smaller than min_area, when the image is
+    blank, or when the classifier's salt probability is below ``cls_threshold``."""
     masks = probs > pp.threshold
     area = masks.reshape(len(masks), -1).sum(axis=1)
     drop = area < pp.min_area
     if images is not None:
         drop |= is_blank(images)
+    if cls is not None and pp.cls_threshold is not None:
+        drop |= cls < pp.cls_threshold
     masks[drop] = False
     return masks
 
@@ -40,14 +52,51 @@ def threshold_grid(cfg: dict) -> np.ndarray:
     return np.round(np.linspace(float(start), float(stop), int(count)), 6)
 
 
-def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict) -> tuple[PostProcess, dict]:
-    """Best (threshold, min_area) on OOF; returns it with the sweep for reporting."""
+def _search(probs, truth, th, areas, cls) -> tuple[PostProcess, float]:
+    best, best_score = None, -1.0
+    for c in (CLS_GRID if cls is not None else [None]):
+        p = probs if not c else np.where((cls < c)[:, None, None], 0, probs)
+        grid = threshold_sweep(p, truth, th, areas)
+        a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        if grid[a, k] > best_score + 1e-12:
+            best, best_score = PostProcess(float(th[k]), int(areas[a]), None if c is None else float(c)), \
+                float(grid[a, k])
+    return best, best_score
+
+
+def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None = None) -> tuple[PostProcess, dict]:
+    """Best (threshold, min_area[, cls_threshold]) on OOF; returns it with the sweep for reporting
+    (the threshold x min-area grid at the chosen cls_threshold)."""
     th = threshold_grid(cfg)
     areas = np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64)
-    grid = threshold_sweep(probs, truth, th, areas)
-    a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    best = PostProcess(float(th[k]), int(areas[a]))
-    default = PostProcess(float(cfg["postprocess"]["default_threshold"]), 0)
+    best, score = _search(probs, truth, th, areas, cls)
+    p = probs if not best.cls_threshold else np.where((cls < best.cls_threshold)[:, None, None], 0, probs)
+    grid = threshold_sweep(p, truth, th, areas)
+    default = PostProcess(float(cfg["postprocess"]["default_threshold"]), 0, 0.5 if cls is not None else None)
     return best, {"thresholds": th, "min_areas": areas, "grid": grid,
-                  "score_default": float(per_image_scores(apply(probs, default), truth).mean()),
-                  "score_tuned": float(grid[a, k]), "default": default}
+                  "score_default": float(per_image_scores(apply(probs, default, cls=cls), truth).mean()),
+                  "score_tuned": score, "default": default}
+
+
+def split_groups(folds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Groups for nested tuning: the folds when there are several, else two random halves."""
+    if len(np.unique(folds)) > 1:
+        return folds, "tuned on the other folds"
+    halves = np.random.default_rng(seed).permutation(len(folds)) % 2
+    return halves, "tuned on the other half of the held-out images (2-way split)"
+
+
+def nested_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
+                  cls: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Per-image scores where each group's images use post-processing tuned on the other groups."""
+    th = threshold_grid(cfg)
+    areas = np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64)
+    scores = np.empty(len(probs))
+    chosen = []
+    for g in np.unique(groups):
+        out = groups == g
+        c_in = None if cls is None else cls[~out]
+        pp, _ = _search(probs[~out], truth[~out], th, areas, c_in)
+        scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
+        chosen.append({"group": int(g), **pp.to_dict()})
+    return scores, chosen

@@ -10,51 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgs_salt import hardware, paths
+from tgs_salt import paths
 from tgs_salt.errors import UserError
-from tgs_salt.hardware import Precision, resolve_device
+from tgs_salt.hardware import resolve_device
+from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.submission import validate_submission, write_submission
-from tgs_salt.train import load_checkpoint
-from tgs_salt.transforms import InputBuilder, hflip_tta
+from tgs_salt.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-
-class FoldModel:
-    """One trained fold: its model, input builder and config."""
-
-    def __init__(self, ckpt_path: Path, device: torch.device, precision: Precision | None = None):
-        from tgs_salt.models import build_model
-
-        ck = load_checkpoint(ckpt_path)
-        if precision is None:  # the training run's choice on the same kind of device, else this device's rule
-            saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
-            precision = hardware.for_inference(saved, device)
-        self.precision = precision
-        cfg = ck["config"]
-        self.cfg = cfg
-        self.builder = InputBuilder.from_config(cfg)
-        model_cfg = dict(cfg["model"], encoder_weights=None)  # weights come from the checkpoint
-        self.model = build_model(model_cfg, self.builder.n_channels)
-        self.model.load_state_dict(ck["model"])
-        self.mf = precision.memory_format
-        self.model = self.model.to(device=device, memory_format=self.mf).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def probs(self, images: torch.Tensor, depths: torch.Tensor, tta: bool = True) -> torch.Tensor:
-        """(B, 101, 101) float32 probabilities."""
-        x = self.builder(images, depths).contiguous(memory_format=self.mf)
-
-        def forward(inp):
-            with self.precision.autocast(self.device):
-                return self.model(inp)
-
-        p = hflip_tta(forward, x, tta=tta)
-        return self.builder.geo.output_to_101(p).squeeze(1).float()
 
 
 def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[list[FoldModel], Path]]:
@@ -63,7 +29,7 @@ def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[l
         cfg, _ = read_run(r)
         models = []
         for k in expected_folds(cfg):
-            done, best = Path(r) / f"fold{k}" / "done.json", Path(r) / f"fold{k}" / "best.pt"
+            done, best = RunDir(r).done(k), RunDir(r).best(k)
             if not done.exists() or not best.exists():
                 raise UserError(f"{r}: fold {k} is not trained (no {done.name}); train it with "
                                 f"`python -m tgs_salt train --config {r}/config.yaml --run-dir {r} --fold {k}`")
@@ -73,22 +39,29 @@ def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[l
 
 
 def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.ndarray, device,
-                 batch_size: int, tta: bool = True) -> np.ndarray:
-    """Mean probabilities (N, 101, 101) float16, streamed over batches: only the running batch
-    of every model is ever in memory."""
+                 batch_size: int, tta: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean probabilities (N, 101, 101) float16, streamed over batches (only the running batch
+    of every model is ever in memory), and mean salt probabilities (N,) when every model has a
+    classifier (else None)."""
     from tqdm import tqdm
 
     out = np.empty((len(images), 101, 101), dtype=np.float16)
+    with_cls = all(m.cfg["model"].get("cls_head") for models, _ in ensemble for m in models)
+    cls_out = np.empty(len(images), dtype=np.float32) if with_cls else None
     for s in tqdm(range(0, len(images), batch_size), desc="predict", disable=None, leave=False):
         img = torch.from_numpy(images[s:s + batch_size]).to(device, non_blocking=True)
         dep = torch.from_numpy(depths[s:s + batch_size]).to(device, non_blocking=True)
-        acc = None
+        acc, acc_cls = 0.0, 0.0
         for (models, _), w in zip(ensemble, weights):
             for m in models:
-                p = m.probs(img, dep, tta=tta) * float(w / len(models))
-                acc = p if acc is None else acc + p
+                p, c = m.probs(img, dep, tta=tta)
+                acc = acc + p * float(w / len(models))
+                if with_cls:
+                    acc_cls = acc_cls + c * float(w / len(models))
         out[s:s + batch_size] = acc.cpu().numpy().astype(np.float16)
-    return out
+        if with_cls:
+            cls_out[s:s + batch_size] = acc_cls.cpu().numpy()
+    return out, cls_out
 
 
 def predict_command(args) -> int:
@@ -117,25 +90,28 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     test = load_test(data_dir)
 
     # post-processing tuned on the same ensemble's out-of-fold predictions
-    _, oof, train, rows = oof_with_truth(run_dirs, weights, data_dir)
-    pp, sweep = tune(oof, train.masks[rows], cfg)
+    _, oof, oof_cls, train, rows = oof_with_truth(run_dirs, weights, data_dir)
+    pp, sweep = tune(oof, train.masks[rows], cfg, oof_cls)
     del oof, train
-    log.info("post-processing tuned on OOF: threshold %.3f, min area %d (CV %.4f; %.4f at threshold %.2f)",
-             pp.threshold, pp.min_area, sweep["score_tuned"], sweep["score_default"], sweep["default"].threshold)
+    log.info("post-processing tuned on OOF: threshold %.3f, min area %d, empty below salt probability %s "
+             "(CV %.4f; %.4f at threshold %.2f)", pp.threshold, pp.min_area, pp.cls_threshold,
+             sweep["score_tuned"], sweep["score_default"], sweep["default"].threshold)
 
     ensemble = load_fold_models(run_dirs, device)
     n_models = sum(len(m) for m, _ in ensemble)
     batch = args.batch_size or cfg["predict"]["batch_size"]
     t0 = time.time()
-    probs = predict_test(ensemble, weights, test.images, test.depths, device, batch, cfg["predict"]["tta"])
+    probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, cfg["predict"]["tta"])
+    if pp.cls_threshold is not None and cls is None:
+        raise UserError("post-processing was tuned with a classifier but the models give no salt probability")
     seconds = time.time() - t0
     log.info("precision: %s", ", ".join(sorted({m.precision.name for ms, _ in ensemble for m in ms})))
     log.info("predicted %d test images with %d models x %s TTA in %.1fs (%.0f images/s)", len(test), n_models,
              "2" if cfg["predict"]["tta"] else "1", seconds, len(test) / max(seconds, 1e-9))
 
-    with atomic_path(out_dir / "test_probs.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, ids=test.ids, probs=probs)
-    masks = apply(probs, pp, test.images)
+    with atomic_path(RunDir(out_dir).test_probs, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=test.ids, probs=probs, **({} if cls is None else {"cls": cls}))
+    masks = apply(probs, pp, test.images, cls)
     name = out_dir.name
     sub_path = Path(args.out) if args.out else paths.submissions_dir() / f"{name}.csv"
     remove_stale_temps(sub_path.parent)

@@ -16,7 +16,8 @@ from tgs_salt.data.folds import coverage_class, folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import apply, tune
+from tgs_salt.rundir import RunDir
+from tgs_salt.postprocess import apply, nested_scores, split_groups, tune
 
 log = logging.getLogger(__name__)
 COVERAGE_LABELS = ["empty"] + [f"{10 * i}-{10 * (i + 1)}%" for i in range(10)]
@@ -48,14 +49,15 @@ def parse_weights(weights: str | None, n: int) -> np.ndarray:
     return w / w.sum()
 
 
-def load_oof(run_dirs: list[Path], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean of the runs' OOF probabilities, by id (ids sorted)."""
-    ids_ref, acc = None, None
+def load_oof(run_dirs: list[Path], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Weighted mean of the runs' OOF probabilities by id (ids sorted), and of their salt
+    probabilities when every run has a classifier (else None)."""
+    ids_ref, acc, acc_cls = None, None, 0.0
     for run_dir, w in zip(run_dirs, weights):
         cfg, _ = read_run(run_dir)
-        parts_ids, parts_probs = [], []
+        parts_ids, parts_probs, parts_cls = [], [], []
         for k in expected_folds(cfg):
-            f = Path(run_dir) / f"fold{k}" / "oof.npz"
+            f = RunDir(run_dir).oof(k)
             if not f.exists():
                 raise UserError(f"{run_dir}: fold {k} has no out-of-fold predictions ({f}); train it with "
                                 f"`python -m tgs_salt train --config {run_dir}/config.yaml --run-dir {run_dir} "
@@ -63,10 +65,15 @@ def load_oof(run_dirs: list[Path], weights: np.ndarray) -> tuple[np.ndarray, np.
             with np.load(f) as z:
                 parts_ids.append(z["ids"])
                 parts_probs.append(z["probs"])
+                parts_cls.append(z["cls"] if "cls" in z.files else None)
         ids = np.concatenate(parts_ids)
         probs = np.concatenate(parts_probs)
         order = np.argsort(ids)
         ids, probs = ids[order], probs[order]
+        if acc_cls is not None and all(c is not None for c in parts_cls):
+            acc_cls = acc_cls + np.concatenate(parts_cls)[order].astype(np.float32) * w
+        else:
+            acc_cls = None
         if ids_ref is None:
             ids_ref, acc = ids, probs.astype(np.float32) * w
         else:
@@ -74,20 +81,21 @@ def load_oof(run_dirs: list[Path], weights: np.ndarray) -> tuple[np.ndarray, np.
                 raise UserError(f"{run_dir} has out-of-fold predictions for other images than {run_dirs[0]}; "
                                 "runs to ensemble must cover the same folds")
             acc += probs.astype(np.float32) * w
-    return ids_ref, acc
+    return ids_ref, acc, acc_cls
 
 
 def oof_with_truth(run_dirs: list[Path], weights: np.ndarray, data_dir: Path):
-    """The ensemble's OOF (ids, probs), the train set, and each OOF id's row in it."""
+    """The ensemble's OOF (ids, probs, salt probabilities or None), the train set, and each OOF
+    id's row in it."""
     from tgs_salt.data import load_train
 
-    ids, probs = load_oof(run_dirs, weights)
+    ids, probs, cls = load_oof(run_dirs, weights)
     data = load_train(data_dir)
     index = {i: k for k, i in enumerate(data.ids)}
     unknown = [i for i in ids if i not in index]
     if unknown:
         raise UserError(f"out-of-fold id {unknown[0]} is not in {data_dir}; pass the data the runs were trained on")
-    return ids, probs, data, np.array([index[i] for i in ids])
+    return ids, probs, cls, data, np.array([index[i] for i in ids])
 
 
 def output_dir(run_dirs: list[Path]) -> Path:
@@ -102,13 +110,15 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
     w = parse_weights(weights, len(run_dirs))
     cfg, facts = read_run(run_dirs[0])
     data_dir = Path(data_dir) if data_dir else Path(facts["data_dir"])
-    ids, probs, data, rows = oof_with_truth(run_dirs, w, data_dir)
+    ids, probs, cls, data, rows = oof_with_truth(run_dirs, w, data_dir)
     truth, images = data.masks[rows], data.images[rows]
     fold_file = Path(facts["fold_file"])
     folds = folds_for(data.ids, fold_file)[rows]
-    best, sweep = tune(probs, truth, cfg)
-    pred = apply(probs, best)
+    best, sweep = tune(probs, truth, cfg, cls)
+    pred = apply(probs, best, cls=cls)
     scores = per_image_scores(pred, truth)
+    groups, nested_how = split_groups(folds)
+    nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls)
     cov = coverage_class(truth)
     inter = np.logical_and(pred, truth).sum()
     psum, tsum = pred.sum(), truth.sum()
@@ -118,8 +128,9 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
         "n_images": len(ids), "folds": sorted(int(f) for f in np.unique(folds)),
         "score_default_threshold": round(sweep["score_default"], 6),
         "default_threshold": sweep["default"].threshold,
-        "threshold": best.threshold, "min_area": best.min_area,
+        "threshold": best.threshold, "min_area": best.min_area, "cls_threshold": best.cls_threshold,
         "score": round(float(scores.mean()), 6),
+        "score_nested": round(float(nested.mean()), 6), "nested": nested_how, "nested_postprocess": nested_pp,
         "all_empty_score": round(float(empty.mean()), 6),
         "per_fold": {int(f): round(float(scores[folds == f].mean()), 6) for f in np.unique(folds)},
         "per_coverage": [{"bin": COVERAGE_LABELS[c], "n": int((cov == c).sum()),
@@ -140,7 +151,10 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
 def print_report(r: dict) -> None:
     print(f"CV over {r['n_images']} OOF images, folds {r['folds']} ({', '.join(Path(x).name for x in r['runs'])})")
     print(f"  threshold {r['default_threshold']:.2f}, no min area : {r['score_default_threshold']:.4f}")
-    print(f"  tuned: threshold {r['threshold']:.3f}, min area {r['min_area']:>4d}: {r['score']:.4f}")
+    cls = "" if r.get("cls_threshold") is None else f", empty below salt prob {r['cls_threshold']:.2f}"
+    print(f"  tuned: threshold {r['threshold']:.3f}, min area {r['min_area']:>4d}{cls}: {r['score']:.4f} "
+          "(tuned and scored on the same images)")
+    print(f"  nested: {r['score_nested']:.4f} ({r['nested']})")
     print(f"  all-empty baseline: {r['all_empty_score']:.4f}   pixel IoU {r['pixel_iou']:.4f}   "
           f"Dice {r['dice']:.4f}   empty/non-empty accuracy {r['empty_accuracy']:.4f}")
     print("  per fold: " + "  ".join(f"{k}: {v:.4f}" for k, v in r["per_fold"].items()))

@@ -1,9 +1,10 @@
 """Training: ``train_fold(cfg, fold, run_dir, ...)`` trains one fold; ``train_command`` loops.
 
 A fold directory ``<run_dir>/fold<k>/`` holds ``last.pt`` (resumable: model, optimizer,
-scaler, LR state, epoch, RNG), ``best.pt`` (weights of the best validation metric),
+scaler, LR state, epoch, RNG), ``best.pt`` (the kept weights: best validation metric, or the last epoch with ``train.select: last``),
 ``log.csv`` (one row per epoch), ``oof.npz`` (validation-id probabilities with flip TTA,
-float16, 101x101) and ``done.json`` (written last: the fold is complete; ``last.pt`` is then
+float16, 101x101, and ``cls``: salt probabilities when the model has a classifier) and
+``done.json`` (written last: the fold is complete; ``last.pt`` is then
 removed, as it only serves to resume an unfinished fold).
 """
 
@@ -33,7 +34,9 @@ from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
-from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment, hflip_tta
+from tgs_salt.inference import predict_arrays, split_output
+from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
+from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
@@ -47,11 +50,11 @@ class TrainingError(UserError):
 # ----------------------------------------------------------------------------- helpers
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
-    return Path(run_dir) / f"fold{fold}"
+    return RunDir(run_dir).fold(fold)
 
 
 def is_done(run_dir: Path, fold: int) -> bool:
-    return (fold_dir(run_dir, fold) / "done.json").exists()
+    return RunDir(run_dir).is_done(fold)
 
 
 def git_commit() -> str | None:
@@ -60,30 +63,6 @@ def git_commit() -> str | None:
                               text=True, timeout=5).stdout.strip() or None
     except Exception:
         return None
-
-
-def save_checkpoint(obj: dict, path: Path) -> None:
-    need = sum(v.numel() * v.element_size() for part in ("model", "optimizer") if isinstance(obj.get(part), dict)
-               for v in _tensors(obj[part]))
-    with atomic_path(path, suffix=".pt", need_bytes=need) as tmp:
-        torch.save(obj, tmp)
-
-
-def _tensors(d):
-    for v in d.values():
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, dict):
-            yield from _tensors(v)
-        elif isinstance(v, list):
-            yield from _tensors(dict(enumerate(v)))
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
 
 
 class LRController:
@@ -191,52 +170,33 @@ def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def predict_probs(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
-                  precision: Precision, tta: bool, batch_size: int) -> np.ndarray:
-    """Probabilities (N, 101, 101) float32 for uint8 images, in batches."""
-    model.eval()
-    geo = builder.geo
-    out = np.empty((len(images), 101, 101), dtype=np.float32)
-    mf = precision.memory_format
-
-    def forward(x):
-        with precision.autocast(device):
-            return model(x)
-
-    with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            x = builder(torch.from_numpy(images[s:s + batch_size]).to(device),
-                        torch.from_numpy(depths[s:s + batch_size]).to(device))
-            x = x.contiguous(memory_format=mf)
-            p = hflip_tta(forward, x, tta=tta)
-            out[s:s + batch_size] = geo.output_to_101(p).squeeze(1).float().cpu().numpy()
-    return out
-
-
 def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: DistContext, tta: bool = False):
-    """Validation loss, competition metric at the default threshold and pixel IoU, over all ranks."""
+    """Validation loss, competition metric at the default threshold, pixel IoU, and the ids'
+    order with their probabilities and salt probabilities (or None), over all ranks."""
     mine = idx[ctx.rank::ctx.world]
-    probs = predict_probs(model, builder, data.images[mine], data.depths[mine], device, precision, tta,
-                          cfg["train"]["val_batch_size"])
+    probs, cls = predict_arrays(model, builder, data.images[mine], data.depths[mine], device, precision, tta,
+                                cfg["train"]["val_batch_size"])
     # loss on logits recovered from the probabilities at 101x101 (cheap, consistent across geometries)
     p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
     logits = torch.log(p) - torch.log1p(-p)
     target = torch.from_numpy(data.masks[mine]).float()
     loss_sum = float(loss_fn(logits.unsqueeze(1), target.unsqueeze(1))) * len(mine) if len(mine) else 0.0
-    parts = all_gather_objects((mine, probs.astype(np.float16), loss_sum), ctx)
+    parts = all_gather_objects((mine, probs.astype(np.float16), loss_sum, cls), ctx)
     order = np.concatenate([q[0] for q in parts])
     all_probs = np.concatenate([q[1] for q in parts])
     sort = np.argsort(order, kind="stable")
     order, all_probs = order[sort], all_probs[sort]
+    all_cls = np.concatenate([q[3] for q in parts])[sort] if cls is not None else None
     val_loss = sum(q[2] for q in parts) / max(len(order), 1)
     th = cfg["postprocess"]["default_threshold"]
     pred = all_probs > th
+    if all_cls is not None:  # the classifier empties the masks of images it calls empty
+        pred[all_cls < 0.5] = False
     truth = data.masks[order]
     metric = float(per_image_scores(pred, truth).mean())
     inter, union = np.logical_and(pred, truth).sum(), np.logical_or(pred, truth).sum()
     iou = float(inter / union) if union else 1.0
-    return val_loss, metric, iou, order, all_probs
+    return val_loss, metric, iou, order, all_probs, all_cls
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -255,7 +215,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         precision = hardware.rule_based(t, device, cap)
     fdir = fold_dir(run_dir, fold)
-    last_path, best_path, log_path = fdir / "last.pt", fdir / "best.pt", fdir / "log.csv"
+    rd = RunDir(run_dir)
+    last_path, best_path, log_path = rd.last(fold), rd.best(fold), rd.log(fold)
     if ctx.is_main:
         fdir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(fdir)
@@ -348,8 +309,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             x = builder(img, depth).contiguous(memory_format=mf)
             y = builder.target(mask)
             with precision.autocast(device):
-                out = fwd_model(x)
+                out, label = split_output(fwd_model(x))
             loss = loss_fn(geo.crop(out).float(), y)
+            if label is not None:  # empty / non-empty classifier, trained jointly
+                has_salt = y.flatten(1).amax(1, keepdim=True)
+                loss = loss + t["cls_loss_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
+                    label.float(), has_salt)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t["grad_clip"]:
@@ -378,12 +343,13 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             parts = all_gather_objects((loss_sum, seen), ctx)
             loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
         sync_buffers(model, ctx)
-        val_loss, metric, iou, _, _ = evaluate(model, builder, data, val_idx, device, cfg, precision, loss_fn, ctx)
+        val_loss, metric, iou, *_ = evaluate(model, builder, data, val_idx, device, cfg, precision, loss_fn, ctx)
         improved = metric > best_metric
         if improved:
             best_metric, best_epoch, since_best = metric, epoch, 0
         else:
             since_best += 1
+        keep = improved if t["select"] == "best" else True  # "last": the weights of the latest epoch
         lrc.observe(metric)
         row = {"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
                "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
@@ -410,7 +376,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             lrc.new_stage()
             since_best = 0
         if ctx.is_main:
-            if improved:
+            if keep:
                 save_checkpoint({"model": model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
                                  "metric": metric, "device_type": device.type,
                                  "precision": precision.to_dict()}, best_path)
@@ -444,20 +410,22 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     tta = cfg["predict"]["tta"]
-    _, metric_tta, _, order, probs = evaluate(model, builder, data, val_idx, device, cfg, precision,
+    _, metric_tta, _, order, probs, cls = evaluate(model, builder, data, val_idx, device, cfg, precision,
                                               get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
     done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
+            "select": t["select"], "kept_epoch": int(best["epoch"]),
             "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
             "precision": precision.name, "epochs_planned": n_epochs,
             "weights_sha1_per_rank": rank_digests}
     if ctx.is_main:
-        with atomic_path(fdir / "oof.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16))
-        write_json_atomic(fdir / "done.json", done)
+        with atomic_path(rd.oof(fold), suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            extra = {} if cls is None else {"cls": cls.astype(np.float32)}
+            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16), **extra)
+        write_json_atomic(rd.done(fold), done)
         last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
-        log.info("fold %d done: best metric %.4f (epoch %d), OOF with TTA %.4f", fold, best_metric,
-                 best_epoch + 1, metric_tta)
+        log.info("fold %d done: best metric %.4f (epoch %d); kept epoch %d (%s); OOF with TTA %.4f", fold,
+                 best_metric, best_epoch + 1, int(best["epoch"]) + 1, t["select"], metric_tta)
     barrier(ctx)
     return done
 
@@ -746,8 +714,9 @@ def train_command(args) -> int:
                 else contextlib.nullcontext()
             with lock:
                 if args.force and ctx.is_main:
-                    for f in ("done.json", "last.pt", "best.pt", "log.csv", "oof.npz"):
-                        (fdir / f).unlink(missing_ok=True)
+                    rd = RunDir(run_dir)
+                    for f in (rd.done(fold), rd.last(fold), rd.best(fold), rd.log(fold), rd.oof(fold)):
+                        f.unlink(missing_ok=True)
                 barrier(ctx)
                 # the plan as it stands (calibrated by an earlier fold, maybe)
                 train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)) if budget_min is not None else cfg

@@ -176,12 +176,3 @@ class EpochKeySampler(torch.utils.data.Sampler):
     def __iter__(self):
         base = self.epoch * self.n
         return (base + int(i) for i in self.sampler)
-
-
-def hflip_tta(forward, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
-    """Mean probability of ``forward(x)`` and the flipped-back ``forward(flip(x))``."""
-    p = torch.sigmoid(forward(x).float())
-    if not tta:
-        return p
-    pf = torch.sigmoid(forward(torch.flip(x, dims=[-1])).float())
-    return 0.5 * (p + torch.flip(pf, dims=[-1]))

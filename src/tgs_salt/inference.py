@@ -1,0 +1,84 @@
+"""The one forward pass of a trained model, used by validation, the OOF pass and test prediction.
+
+A model returns mask logits (B, 1, H, W), or ``(mask logits, empty/non-empty logits (B, 1))``
+when it has a classification head (``model.cls_head``). Outputs are probabilities at 101x101,
+averaged over the horizontal flip when TTA is on, plus the probability that the image holds salt
+(None without a head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tgs_salt import hardware
+from tgs_salt.hardware import Precision
+from tgs_salt.rundir import load_checkpoint
+from tgs_salt.transforms import InputBuilder
+
+
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, classification logits or None) of a model's output."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
+
+
+@torch.inference_mode()
+def predict_batch(model, builder: InputBuilder, images: torch.Tensor, depths: torch.Tensor, device,
+                  precision: Precision, tta: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities (B, 101, 101) float32 and salt probabilities (B,) or None."""
+    x = builder(images.to(device), depths.to(device)).contiguous(memory_format=precision.memory_format)
+    views = [x, torch.flip(x, dims=[-1])] if tta else [x]
+    masks, cls = [], []
+    for i, v in enumerate(views):
+        with precision.autocast(device):
+            m, c = split_output(model(v))
+        m = torch.sigmoid(m.float())
+        masks.append(torch.flip(m, dims=[-1]) if i else m)
+        if c is not None:
+            cls.append(torch.sigmoid(c.float()).flatten())
+    p = torch.stack(masks).mean(0)
+    return builder.geo.output_to_101(p).squeeze(1), (torch.stack(cls).mean(0) if cls else None)
+
+
+def predict_arrays(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
+                   precision: Precision, tta: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, 101, 101) float32 and salt probabilities (N,) or None, in batches."""
+    model.eval()
+    out = np.empty((len(images), 101, 101), dtype=np.float32)
+    cls = None
+    for s in range(0, len(images), batch_size):
+        p, c = predict_batch(model, builder, torch.from_numpy(images[s:s + batch_size]),
+                             torch.from_numpy(depths[s:s + batch_size]), device, precision, tta)
+        out[s:s + batch_size] = p.cpu().numpy()
+        if c is not None:
+            cls = np.empty(len(images), dtype=np.float32) if cls is None else cls
+            cls[s:s + batch_size] = c.cpu().numpy()
+    return out, cls
+
+
+class FoldModel:
+    """One trained fold loaded from its checkpoint: model, input builder, config and precision."""
+
+    def __init__(self, ckpt_path: Path, device: torch.device, precision: Precision | None = None):
+        from tgs_salt.models import build_model
+
+        ck = load_checkpoint(ckpt_path)
+        if precision is None:  # the training run's choice on the same kind of device, else this device's rule
+            saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
+            precision = hardware.for_inference(saved, device)
+        self.precision = precision
+        self.cfg = ck["config"]
+        self.builder = InputBuilder.from_config(self.cfg)
+        model_cfg = dict(self.cfg["model"], encoder_weights=None)  # weights come from the checkpoint
+        self.model = build_model(model_cfg, self.builder.n_channels)
+        self.model.load_state_dict(ck["model"])
+        self.model = self.model.to(device=device, memory_format=precision.memory_format).eval()
+        self.device = device
+
+    def probs(self, images: torch.Tensor, depths: torch.Tensor, tta: bool = True):
+        """(B, 101, 101) float32 probabilities and (B,) salt probabilities or None."""
+        return predict_batch(self.model, self.builder, images, depths, self.device, self.precision, tta)
