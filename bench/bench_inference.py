@@ -14,8 +14,8 @@ from common import save
 
 from tgs_salt import hardware
 from tgs_salt.config import load_config
-from tgs_salt.models import build_model
 from tgs_salt.inference import FoldModel
+from tgs_salt.models import build_model
 from tgs_salt.predict import predict_test
 from tgs_salt.transforms import InputBuilder
 

@@ -28,6 +28,39 @@ def run_cli(*args, env=None, cwd=None):
                           text=True, env=full_env, cwd=cwd or REPO)
 
 
+def interrupt_when(cmd: list, ready: Path, env: dict | None = None, sig=None, timeout: float = 600):
+    """Run ``cmd`` and send it ``sig`` (default SIGINT, what Ctrl-C sends) as soon as ``ready``
+    exists: a real interruption of a real process. Returns (returncode, stderr); fails the test
+    when the process ends before ``ready`` appears (it could not be interrupted)."""
+    import signal
+    import time
+
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=err, env=full_env, cwd=REPO,
+                            start_new_session=True)
+    t_end = time.time() + timeout
+    while not Path(ready).exists():
+        if proc.poll() is not None:
+            err.seek(0)
+            pytest.fail(f"{cmd[:4]} ended (exit {proc.returncode}) before {ready} appeared: "
+                        f"{err.read().decode()[-2000:]}")
+        if time.time() > t_end:
+            proc.kill()
+            pytest.fail(f"{ready} did not appear within {timeout} s")
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig or signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C does
+    rc = proc.wait(timeout=120)
+    err.seek(0)
+    return rc, err.read().decode()
+
+
+def cli_cmd(*args) -> list:
+    return [sys.executable, "-m", "tgs_salt", *map(str, args)]
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not (SHARED / "train.csv").exists():

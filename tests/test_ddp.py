@@ -11,20 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, interrupt_when, run_cli
 from helpers import tiny_config
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                                 reason="torchrun not installed")
 
 
-def torchrun(*args, nproc=2):
+def torchrun_cmd(*args, nproc=2) -> list:
     exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    return [exe, "--standalone", f"--nproc-per-node={nproc}", "-m", "tgs_salt", *map(str, args)]
+
+
+def torchrun(*args, nproc=2):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([exe, "--standalone", f"--nproc-per-node={nproc}", "-m", "tgs_salt", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return subprocess.run(torchrun_cmd(*args, nproc=nproc), capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
 
 
 def test_ddp_fold_matches_single_process(synth_dir, tmp_path):
@@ -73,13 +77,10 @@ def test_ddp_resume_after_interruption(synth_dir, tmp_path):
     common = ("train", "--config", cfg, "--data-dir", synth_dir, "--fold", "1", "--device", "cpu")
     r = torchrun(*common, "--run-dir", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-4000:]
-    os.environ["TGS_STOP_AFTER_EPOCH"] = "1"
-    try:
-        r = torchrun(*common, "--run-dir", tmp_path / "b")
-    finally:
-        del os.environ["TGS_STOP_AFTER_EPOCH"]
-    assert r.returncode != 0
     fd = tmp_path / "b" / "fold1"
+    rc, err = interrupt_when(torchrun_cmd(*common, "--run-dir", tmp_path / "b"), fd / "last.pt",
+                             env={"OMP_NUM_THREADS": "1"})
+    assert rc != 0, err[-3000:]
     assert (fd / "last.pt").exists() and not (fd / "done.json").exists()
     r = torchrun(*common, "--run-dir", tmp_path / "b", "--resume")
     assert r.returncode == 0, r.stderr[-4000:]

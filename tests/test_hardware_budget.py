@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_cmd, interrupt_when, run_cli
 from helpers import tiny_config
 from tgs_salt import budget as B
 from tgs_salt import hardware as H
@@ -277,11 +277,11 @@ def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
             "--device", "cpu", "--threads", "1"]
-    r = run_cli(*args, env={"TGS_STOP_AFTER_EPOCH": "1"})
-    assert r.returncode == 130, r.stderr[-3000:]
+    rc, err = interrupt_when(cli_cmd(*args), run / "fold0" / "last.pt")
+    assert rc == 130, err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
-    assert "time plan: 1 min budget" in r.stderr
+    assert "time plan: 1 min budget" in err
     assert len(prec["precision"]["rates"]) == 4 and prec["train_rate"] > 0 and prec["eval_rate"] > 0
     assert sum(plan["epochs"]) >= 2 and len(plan["epochs"]) == 2
     r = run_cli(*args, "--resume")

@@ -9,13 +9,12 @@ import torch
 from conftest import run_cli
 from helpers import tiny_config
 from tgs_salt.errors import UserError
+from tgs_salt.hardware import Precision
+from tgs_salt.inference import predict_batch
 from tgs_salt.postprocess import PostProcess, apply, is_blank, nested_scores, split_groups, tune
 from tgs_salt.predict import predict_test
 from tgs_salt.submission import validate_submission
-from tgs_salt.hardware import Precision
-from tgs_salt.inference import predict_batch
 from tgs_salt.transforms import Geometry, InputBuilder
-
 
 CPU = torch.device("cpu")
 FP32 = Precision(None, False)

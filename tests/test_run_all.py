@@ -76,7 +76,9 @@ def test_broken_stage_is_named(first_run, tmp_path):
 
 def test_bad_option(tmp_path):
     r = run_all(tmp_path, "--bogus")
-    assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+    r = run_all(tmp_path, "--help")
+    assert r.returncode == 0 and "--time-budget" in r.stdout and "--set" in r.stdout
 
 
 @pytest.mark.parametrize("gpus_per_fold", [1, 2])
@@ -104,3 +106,61 @@ def test_parallel_folds_orchestration(first_run, tmp_path, gpus_per_fold):
     done = [json.loads((tmp_path / "run" / f"fold{k}" / "done.json").read_text()) for k in (0, 1)]
     assert all(d["world_size"] == gpus_per_fold for d in done)
     assert Path(r.stdout.strip().splitlines()[-1]).exists()
+
+
+# ----------------------------------------------------------------------------- in process
+
+def test_gpu_slots_respect_visible_devices(monkeypatch):
+    from tgs_salt.errors import UserError
+    from tgs_salt.pipeline import gpu_slots
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_slots(4, 1) == ["0", "1", "2", "3"] and gpu_slots(4, 2) == ["0,1", "2,3"] and gpu_slots(3, 2) == ["0,1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7,4")
+    assert gpu_slots(3, 1) == ["6", "7", "4"]
+    with pytest.raises(UserError, match="fewer than 4"):
+        gpu_slots(4, 1)
+    with pytest.raises(UserError, match="--gpus-per-fold 4 but 3"):
+        gpu_slots(3, 4)
+
+
+def test_queue_gives_the_next_fold_to_the_first_free_gpu(monkeypatch, tmp_path, capsys):
+    """Fold 0 is slow: while slot 0 trains it, slot 1 takes folds 1, 2 and 3 one after another
+    (waves would have made fold 2 wait for fold 0)."""
+    import json
+    import threading
+    import time
+
+    from tgs_salt import pipeline
+
+    took = {0: 1.5, 1: 0.1, 2: 0.1, 3: 0.1}
+    ran, lock = [], threading.Lock()
+
+    def fake_call(cmd, stdout, stderr, env):
+        fold = int(cmd[cmd.index("--fold") + 1])
+        with lock:
+            ran.append((env["CUDA_VISIBLE_DEVICES"], fold, time.time()))
+        time.sleep(took[fold])
+        d = tmp_path / f"fold{fold}"
+        d.mkdir(exist_ok=True)
+        (d / "done.json").write_text(json.dumps({"best_metric": 0.5, "best_epoch": 1, "oof_metric_tta": 0.5,
+                                                 "epochs_run": 2, "seconds": 60}))
+        return 0
+
+    monkeypatch.setattr(pipeline.subprocess, "call", fake_call)
+    pipeline.train_queue([0, 1, 2, 3], ["a", "b"], ["--config", "x"], tmp_path, tmp_path, 1)
+    by_slot = {s: [f for s2, f, _ in ran if s2 == s] for s in ("a", "b")}
+    assert by_slot == {"a": [0], "b": [1, 2, 3]}
+    err = capsys.readouterr().err
+    assert err.count("done: best metric 0.5000") == 4 and "[train fold 3] GPUs b" in err
+    # a failing fold is named with its log, and no new fold starts after it
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda cmd, **kw: 3)
+    with pytest.raises(pipeline.UserError, match=r"fold 0 \(exit 3; see .*train_fold0.log"):
+        pipeline.train_queue([0, 1, 2], ["a"], [], tmp_path, tmp_path, 1)
+
+
+def test_run_refuses_submit_without_message_in_process(tmp_path, capsys):
+    from tgs_salt.cli import main
+
+    assert main(["run", "--submit", "--data-dir", str(tmp_path)]) == 2
+    assert "--submit needs a message" in capsys.readouterr().err

@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_cmd, interrupt_when, run_cli
 from helpers import tiny_config
 from tgs_salt import config as C
 from tgs_salt import losses
 from tgs_salt.data import load_train
 from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
 from tgs_salt.errors import UserError
-from tgs_salt.train import TrainingError, train_fold
+from tgs_salt.train import TrainingError, next_epoch, observe, train_fold
 
 # ----------------------------------------------------------------------------- folds
 
@@ -108,19 +108,23 @@ def _setup(tmp_path, synth_dir, **sections):
     return cfg, data, folds
 
 
-def test_resume_gives_the_same_weights(tmp_path, synth_dir):
-    torch.set_num_threads(1)
-    cfg, data, folds = _setup(tmp_path, synth_dir)
-    a = tmp_path / "a"
-    train_fold(cfg, 0, a, data, folds, device=torch.device("cpu"))
-    b = tmp_path / "b"
-    with pytest.raises(KeyboardInterrupt):
-        train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"), stop_after=1)
+def test_resume_after_ctrl_c_gives_the_same_weights(tmp_path, synth_dir):
+    """A real process interrupted by SIGINT after its first checkpoint resumes to the very weights
+    and log of an uninterrupted run."""
+    cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce_dice", "epochs": 3}, {"loss": "lovasz", "epochs": 2}]},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    common = ["train", "--config", cfg, "--data-dir", synth_dir, "--device", "cpu", "--threads", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_cli(*common, "--run-dir", a)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, err = interrupt_when(cli_cmd(*common, "--run-dir", b), b / "fold0" / "last.pt")
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
     assert (b / "fold0" / "last.pt").exists() and not (b / "fold0" / "done.json").exists()
-    with pytest.raises(UserError) as e:  # an unfinished fold is not silently restarted
-        train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"))
-    assert "--resume" in str(e.value)
-    train_fold(cfg, 0, b, data, folds, device=torch.device("cpu"), resume=True)
+    assert not list((b / "fold0").glob(".*tmp*"))  # no half-written checkpoint left
+    r = run_cli(*common, "--run-dir", b)  # an unfinished fold is not silently restarted
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run_cli(*common, "--run-dir", b, "--resume")
+    assert r.returncode == 0 and "resuming at epoch" in r.stderr, r.stderr[-3000:]
     wa = torch.load(a / "fold0" / "best.pt", weights_only=True)
     wb = torch.load(b / "fold0" / "best.pt", weights_only=True)
     assert wa["epoch"] == wb["epoch"]
@@ -129,6 +133,19 @@ def test_resume_gives_the_same_weights(tmp_path, synth_dir):
     la = pd.read_csv(a / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
     lb = pd.read_csv(b / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
     pd.testing.assert_frame_equal(la, lb)
+
+
+def test_stage_and_early_stopping_rule():
+    starts = [0, 4, 7]  # stage 0: epochs 0-3, stage 1: 4-6
+    assert next_epoch(0, starts, 0, None) == (1, False)
+    assert next_epoch(3, starts, 0, None) == (4, True)       # the stage switch
+    assert next_epoch(6, starts, 0, None) == (7, False)      # the end: no new stage
+    assert next_epoch(1, starts, 2, 2) == (4, True)          # 2 epochs without gain: stage 0 ends early
+    assert next_epoch(1, starts, 1, 2) == (2, False)
+    assert next_epoch(5, starts, 2, 2) == (7, False)         # in the last stage it ends the fold
+    assert next_epoch(3, starts, 5, 2) == (4, True)          # already at the boundary: nothing to skip
+    assert observe(0.5, 0.4, 3) == (True, 0.5, 0)
+    assert observe(0.4, 0.4, 3) == (False, 0.4, 4)          # a tie is no gain
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path, synth_dir, monkeypatch):
@@ -251,3 +268,76 @@ def test_classifier_head_trains_and_reaches_oof_and_cv(tmp_path, synth_dir, arch
         assert cls.shape == (len(z["ids"]),) and ((cls >= 0) & (cls <= 1)).all() and cls.std() > 0
     ck = torch.load(run / "fold0" / "best.pt", weights_only=True)
     assert any(k.startswith(("cls.", "classification_head.")) for k in ck["model"])
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+def test_bootstrap_interval_covers_the_mean_with_the_right_width():
+    from tgs_salt.compare import bootstrap_interval
+
+    assert bootstrap_interval(np.full(50, 0.1)) == pytest.approx((0.1, 0.1))
+    d = np.random.default_rng(3).normal(0.05, 0.2, 600)
+    lo, hi = bootstrap_interval(d)
+    se = d.std() / np.sqrt(len(d))
+    assert lo < d.mean() < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_compare_runs_paired(trained, synth_dir, tmp_path):
+    cfg_path, run_dir = trained
+    out = tmp_path / "cmp.json"
+    r = run_cli("compare", run_dir, run_dir, "--out", out, "--bootstrap", "500")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["nested_method"] == "tuned on the other folds" and res["n_images"] > 0
+    for k in ("default_threshold", "nested"):
+        assert res[k]["gain"] == 0 and res[k]["ci95"] == [0, 0] and res[k]["base"] == res[k]["other"]
+    # a run over other folds cannot be paired
+    other = tmp_path / "other"
+    (other / "fold0").mkdir(parents=True)
+    for f in ("config.yaml", "run.json"):
+        (other / f).write_bytes((run_dir / f).read_bytes())
+    cfg = (other / "config.yaml").read_text().replace("train_folds:\n  - 0\n  - 1", "train_folds:\n  - 0")
+    (other / "config.yaml").write_text(cfg)
+    (other / "fold0" / "oof.npz").write_bytes((run_dir / "fold0" / "oof.npz").read_bytes())
+    r = run_cli("compare", run_dir, other)
+    assert r.returncode != 0 and "different images" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def test_tensorboard_optional(tmp_path, synth_dir, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, step))
+
+        def add_images(self, tag, grid, step, dataformats):
+            calls.append(("images", tag, grid.shape, float(grid.min()), float(grid.max()), dataformats))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    cfg, data, folds = _setup(tmp_path, synth_dir, train={
+        "batch_size": 8, "tensorboard": True, "max_train_batches": 2, "stages": [{"loss": "bce", "epochs": 2}]})
+    train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert calls[0] == ("init", str(tmp_path / "r" / "fold0" / "tb")) and calls[-1] == ("close",)
+    assert sum(c[:3] == ("scalar", "val_metric", 2) for c in calls) == 1
+    images = [c for c in calls if c[0] == "images"]
+    assert len(images) == 2 and images[0][2] == (8, 3, 101, 101) and 0 <= images[0][3] and images[0][4] <= 1
+    # asked for without the package: a clear error before any training
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        train_fold(cfg, 0, tmp_path / "r2", data, folds, device=torch.device("cpu"))

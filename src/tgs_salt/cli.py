@@ -125,6 +125,18 @@ def cmd_runs(args) -> int:
     return runs_command(args)
 
 
+def cmd_run(args) -> int:
+    from tgs_salt.pipeline import run_command
+
+    return run_command(args)
+
+
+def cmd_compare(args) -> int:
+    from tgs_salt.compare import compare_command
+
+    return compare_command(args)
+
+
 def device_type_command(name: str) -> int:
     """For run_all.sh: print cpu or cuda for ``--device name``; a clear error (exit 2) when GPUs are
     present that torch cannot use."""
@@ -147,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_arg(sp):
         sp.add_argument("--data-dir", help="Kaggle-format folder (default: $TGS_DATA_DIR or data/)")
+
+    s = sub.add_parser("run", help="the whole job: data, folds, training, CV, prediction, submission [, submit]",
+                       description="The whole job (what ./run_all.sh runs after setting up the environment). "
+                       "Completed folds are skipped and interrupted ones resumed.",
+                       epilog="examples: python -m tgs_salt run --data-dir ../shared/tgs-salt --time-budget 60\n"
+                       "          python -m tgs_salt run --config competition --set train.lr=5e-4 --folds 0,1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tgs_salt.pipeline import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("download", help="download and unpack the competition data with the kaggle API")
     data_arg(s)
@@ -232,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="compare runs: one row per run directory (CV, changed keys, time, precision)")
     s.add_argument("dir", nargs="?", help="a directory of runs, or one run (default: $TGS_RUNS_DIR or runs/)")
     s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("compare", help="paired comparison of two runs on the same held-out images, with a "
+                       "bootstrap interval", epilog="example: python -m tgs_salt compare runs/cpu_budget runs/mine")
+    s.add_argument("base", help="the reference run directory")
+    s.add_argument("other", help="the run directory compared against it")
+    data_arg(s)
+    s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    s.add_argument("--out", help="also write the result to this JSON file")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("submit", help="validate and submit a CSV to Kaggle")
     s.add_argument("submission")

@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
+        "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
         "select": "best",               # weights kept per fold: best (validation metric) | last epoch
         "seed": 42,
         "val_batch_size": 128,
@@ -129,6 +130,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
+    ("train", "tensorboard"): (bool, None, None, False),
     ("train", "seed"): (int, 0, 2**32 - 1, False),
     ("train", "max_train_batches"): (int, 1, 1 << 30, True),
     ("folds", "k"): (int, 2, 1000, False),

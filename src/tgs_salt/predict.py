@@ -17,8 +17,8 @@ from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, tune
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
-from tgs_salt.submission import validate_submission, write_submission
 from tgs_salt.rundir import RunDir
+from tgs_salt.submission import validate_submission, write_submission
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from tgs_salt.data.folds import coverage_class, folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.rundir import RunDir
 from tgs_salt.postprocess import apply, nested_scores, split_groups, tune
+from tgs_salt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 COVERAGE_LABELS = ["empty"] + [f"{10 * i}-{10 * (i + 1)}%" for i in range(10)]

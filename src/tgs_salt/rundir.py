@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path
 
@@ -59,6 +57,8 @@ class RunDir:
 
 def save_checkpoint(obj: dict, path: Path) -> None:
     """Plain types and tensors only (``torch.load`` runs with ``weights_only=True``); atomic."""
+    import torch
+
     need = sum(v.numel() * v.element_size() for part in ("model", "optimizer") if isinstance(obj.get(part), dict)
                for v in _tensors(obj[part]))
     with atomic_path(path, suffix=".pt", need_bytes=need) as tmp:
@@ -66,6 +66,8 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 
 def _tensors(d):
+    import torch
+
     for v in d.values():
         if isinstance(v, torch.Tensor):
             yield v
@@ -76,6 +78,8 @@ def _tensors(d):
 
 
 def load_checkpoint(path: Path) -> dict:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

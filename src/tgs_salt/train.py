@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,12 @@ from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision, resolve_device
+from tgs_salt.inference import predict_arrays, split_output
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
-from tgs_salt.inference import predict_arrays, split_output
 from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
+from tgs_salt.tensorboard import TensorBoard
 from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment
 
 log = logging.getLogger(__name__)
@@ -201,74 +203,127 @@ def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: Di
 
 # ----------------------------------------------------------------------------- one fold
 
-def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
-               resume: bool = False, workers: int = 0, stop_after: int | None = None,
-               ctx: DistContext | None = None, precision: Precision | None = None,
-               calibrate=None) -> dict:
-    """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
-    (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
-    ``calibrate(first_epoch_seconds)``, called on the main process after a fresh fold's first
-    epoch, may return new epochs per stage (a time plan corrected by the measured epoch)."""
-    ctx = ctx or DistContext()
-    t = cfg["train"]
-    if precision is None:
-        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        precision = hardware.rule_based(t, device, cap)
-    fdir = fold_dir(run_dir, fold)
-    rd = RunDir(run_dir)
-    last_path, best_path, log_path = rd.last(fold), rd.best(fold), rd.log(fold)
-    if ctx.is_main:
-        fdir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(fdir)
-    if last_path.exists() and not resume:
-        raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
+@dataclass
+class TrainState:
+    """Everything a fold needs to continue exactly where it stopped; one state_dict for last.pt."""
 
-    train_idx = np.flatnonzero(folds != fold)
-    val_idx = np.flatnonzero(folds == fold)
-    if len(val_idx) == 0 or len(train_idx) == 0:
-        raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lrc: LRController
+    epoch: int = 0           # the next epoch to run
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    since_best: int = 0      # epochs without a gain, within the stage
 
-    seed = int(t["seed"]) + 1000 * fold
-    torch.manual_seed(seed)
-    builder = InputBuilder.from_config(cfg)
-    geo = builder.geo
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "lr_state": self.lrc.state_dict(), "epoch": self.epoch,
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "since_best": self.since_best,
+                "rng_torch": torch.get_rng_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.model.load_state_dict(d["model"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.scaler.load_state_dict(d["scaler"])
+        self.lrc.load_state_dict(d["lr_state"])
+        self.epoch, self.best_metric, self.best_epoch = d["epoch"], d["best_metric"], d["best_epoch"]
+        self.since_best = d["since_best"]
+        torch.set_rng_state(d["rng_torch"])
+
+
+def observe(metric: float, best_metric: float, since_best: int) -> tuple[bool, float, int]:
+    """(improved, best metric, epochs without gain) after an epoch scoring ``metric``."""
+    if metric > best_metric:
+        return True, metric, 0
+    return False, best_metric, since_best + 1
+
+
+def next_epoch(epoch: int, starts: list[int], since_best: int, early_stopping: int | None) -> tuple[int, bool]:
+    """The epoch to run after ``epoch`` and whether it opens a new stage. ``starts`` are the
+    stages' first epochs followed by the total; a stage ends early after ``early_stopping``
+    epochs without gain (the last stage then ends the fold)."""
+    n_epochs = starts[-1]
+    stage = max(i for i in range(len(starts) - 1) if starts[i] <= epoch)
+    nxt = epoch + 1
+    if early_stopping and since_best >= early_stopping and nxt < starts[stage + 1]:
+        nxt = starts[stage + 1]
+    return nxt, nxt < n_epochs and nxt >= starts[stage + 1]
+
+
+def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState, builder: InputBuilder, loss_fn,
+                    t: dict, device, precision: Precision, desc: str, progress: ProgressLog, show_bar: bool,
+                    on_bad_loss) -> tuple[float, int, float]:
+    """One pass over the loader: (summed loss, images seen, last learning rate)."""
+    from tqdm import tqdm
+
+    model.train()
+    mf, geo = precision.memory_format, builder.geo
+    loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step on CUDA
+    check_every = 1 if device.type == "cpu" else 50  # on CPU a sync costs nothing
+    seen, lr = 0, 0.0
+    bar = tqdm(total=n_batches, desc=desc, disable=None if show_bar else True, leave=False)
+    progress.enabled = progress.enabled and bar.disable
+    for b, (img, mask, depth) in enumerate(loader):
+        if b >= n_batches:
+            break
+        lr = state.lrc.lr(state.epoch, b / n_batches)
+        for g in state.optimizer.param_groups:
+            g["lr"] = lr
+        img, mask, depth = (v.to(device, non_blocking=True) for v in (img, mask, depth))
+        x = builder(img, depth).contiguous(memory_format=mf)
+        y = builder.target(mask)
+        with precision.autocast(device):
+            out, label = split_output(fwd_model(x))
+        loss = loss_fn(geo.crop(out).float(), y)
+        if label is not None:  # empty / non-empty classifier, trained jointly
+            has_salt = y.flatten(1).amax(1, keepdim=True)
+            loss = loss + t["cls_loss_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
+                label.float(), has_salt)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if t["grad_clip"]:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        loss_acc += loss.detach() * len(img)
+        seen += len(img)
+        if (b + 1) % check_every == 0 or b + 1 == n_batches:
+            mean = float(loss_acc) / seen
+            if not math.isfinite(mean):
+                bar.close()
+                on_bad_loss(mean, b, lr)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.1e}")
+            progress.update(b + 1, mean, seen)
+        bar.update()
+    bar.close()
+    return float(loss_acc), seen, lr
+
+
+def _setup_model(cfg: dict, device, precision: Precision, ctx: DistContext):
+    """(model, the module to call forward on: DDP- or compile-wrapped)."""
     from tgs_salt.models import build_model
 
-    model = build_model(cfg["model"], builder.n_channels)
+    t = cfg["train"]
+    model = build_model(cfg["model"], len(cfg["input"]["channels"]))
     if ctx.enabled and t["sync_bn"]:
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.is_main:
             log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm")
-    mf = precision.memory_format
-    model = model.to(device=device, memory_format=mf)
-    optimizer = make_optimizer(model.parameters(), t)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    lrc = LRController(cfg)
-    n_epochs = C.total_epochs(cfg)
-    start_epoch, best_metric, best_epoch, since_best, log_rows = 0, -1.0, -1, 0, []
-
-    if resume and last_path.exists():
-        ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        lrc.load_state_dict(ck["lr_state"])
-        start_epoch, best_metric, best_epoch = ck["epoch"], ck["best_metric"], ck["best_epoch"]
-        since_best = ck["since_best"]
-        torch.set_rng_state(ck["rng_torch"])
-        log_rows = [r for r in _read_log(log_path) if int(r["epoch"]) < start_epoch]
-        if ctx.is_main:
-            log.info("fold %d: resuming at epoch %d (best %.4f at epoch %d)", fold, start_epoch, best_metric,
-                     best_epoch)
-
+    model = model.to(device=device, memory_format=precision.memory_format)
     fwd_model = model
     if ctx.enabled:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t["compile"]:
         fwd_model = torch.compile(fwd_model)
+    return model, fwd_model
 
+
+def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: int, ctx: DistContext):
+    t = cfg["train"]
     augment = build_augment(cfg["augment"])
     ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx], augment, seed)
     if t["batch_size"] % ctx.world:
@@ -280,154 +335,175 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                                          drop_last=True, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
     n_batches = len(loader) if t["max_train_batches"] is None else min(len(loader), t["max_train_batches"])
+    return loader, sampler, n_batches
 
-    epoch = start_epoch
-    t_fold = time.time()
-    epoch_times: list[float] = []
-    while epoch < n_epochs:
-        stage = lrc.stage_of(epoch)
+
+def _oof_pass(model, cfg, fold, rd: RunDir, builder, data, val_idx, device, precision, ctx) -> tuple[dict, float]:
+    """Out-of-fold probabilities of the kept weights, with flip TTA, to oof.npz; (kept checkpoint, metric)."""
+    kept = load_checkpoint(rd.best(fold)) if rd.best(fold).exists() else None
+    if kept is None:  # another rank is still writing it
+        barrier(ctx)
+        kept = load_checkpoint(rd.best(fold))
+    model.load_state_dict(kept["model"])
+    _, metric_tta, _, order, probs, cls = evaluate(model, builder, data, val_idx, device, cfg, precision,
+                                                   get_loss(cfg["train"]["stages"][-1]["loss"]), ctx,
+                                                   tta=cfg["predict"]["tta"])
+    if ctx.is_main:
+        with atomic_path(rd.oof(fold), suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            extra = {} if cls is None else {"cls": cls.astype(np.float32)}
+            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16), **extra)
+    return kept, metric_tta
+
+
+def _weights_digests(model, ctx: DistContext, fold: int) -> list[str]:
+    """Every rank must end with the same weights: their checksums, one per rank."""
+    digest = hashlib.sha1(b"".join(v.detach().cpu().float().numpy().tobytes()
+                                   for v in model.state_dict().values())).hexdigest()
+    digests = all_gather_objects(digest, ctx)
+    if len(set(digests)) != 1:
+        raise TrainingError(f"fold {fold}: model weights differ across the {ctx.world} processes")
+    return digests
+
+
+def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
+               resume: bool = False, workers: int = 0, ctx: DistContext | None = None,
+               precision: Precision | None = None, calibrate=None) -> dict:
+    """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
+    (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
+    ``calibrate(first_epoch_seconds)``, called on the main process after a fresh fold's first
+    epoch, may return new epochs per stage (a time plan corrected by the measured epoch)."""
+    ctx = ctx or DistContext()
+    t = cfg["train"]
+    if precision is None:
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        precision = hardware.rule_based(t, device, cap)
+    rd = RunDir(run_dir)
+    fdir, last_path = rd.fold(fold), rd.last(fold)
+    if ctx.is_main:
+        fdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(fdir)
+    if last_path.exists() and not resume:
+        raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
+    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
+
+    seed = int(t["seed"]) + 1000 * fold
+    torch.manual_seed(seed)
+    builder = InputBuilder.from_config(cfg)
+    model, fwd_model = _setup_model(cfg, device, precision, ctx)
+    state = TrainState(model, make_optimizer(model.parameters(), t),
+                       torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg))
+    log_rows: list[dict] = []
+    if resume and last_path.exists():
+        state.load_state_dict(load_checkpoint(last_path))
+        log_rows = [r for r in _read_log(rd.log(fold)) if int(r["epoch"]) < state.epoch]
+        if ctx.is_main:
+            log.info("fold %d: resuming at epoch %d (best %.4f at epoch %d)", fold, state.epoch, state.best_metric,
+                     state.best_epoch)
+    start_epoch = state.epoch
+    loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx)
+
+    t_fold, epoch_times = time.time(), []
+    tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
+    while state.epoch < C.total_epochs(cfg):
+        epoch, n_epochs = state.epoch, C.total_epochs(cfg)
+        stage = state.lrc.stage_of(epoch)
         loss_name = t["stages"][stage]["loss"]
         loss_fn = get_loss(loss_name)
         sampler.set_epoch(epoch)  # the epoch travels with each sample's key, into worker processes too
-        model.train()
-        t0, seen = time.time(), 0
-        loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step on CUDA
-        check_every = 1 if device.type == "cpu" else 50  # on CPU a sync costs nothing
-        from tqdm import tqdm
+        t0 = time.time()
 
-        bar = tqdm(total=n_batches, desc=f"fold {fold} epoch {epoch + 1}/{n_epochs} {loss_name}",
-                   disable=None if ctx.is_main else True, leave=False)
-        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main and bar.disable)
-        for b, (img, mask, depth) in enumerate(loader):
-            if b >= n_batches:
-                break
-            lr = lrc.lr(epoch, b / n_batches)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            img, mask, depth = img.to(device, non_blocking=True), mask.to(device, non_blocking=True), \
-                depth.to(device, non_blocking=True)
-            x = builder(img, depth).contiguous(memory_format=mf)
-            y = builder.target(mask)
-            with precision.autocast(device):
-                out, label = split_output(fwd_model(x))
-            loss = loss_fn(geo.crop(out).float(), y)
-            if label is not None:  # empty / non-empty classifier, trained jointly
-                has_salt = y.flatten(1).amax(1, keepdim=True)
-                loss = loss + t["cls_loss_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
-                    label.float(), has_salt)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            loss_acc += loss.detach() * len(img)
-            seen += len(img)
-            if (b + 1) % check_every == 0 or b + 1 == n_batches:
-                mean = float(loss_acc) / seen
-                if not math.isfinite(mean):
-                    bar.close()
-                    kept = (f"the last good checkpoint {last_path} (epoch {start_epoch_of(last_path)}) stays"
-                            if last_path.exists() else "no checkpoint was written yet")
-                    raise TrainingError(f"fold {fold}: loss is {mean} at epoch {epoch + 1}, by batch {b + 1} "
-                                        f"({loss_name}, lr {lr:.2e}); training stopped, {kept}. Lower train.lr "
-                                        "or check the data")
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.1e}")
-                progress.update(b + 1, mean, seen)
-            bar.update()
-        bar.close()
-        loss_sum = float(loss_acc)
+        def bad_loss(mean, b, lr, epoch=epoch, loss_name=loss_name):
+            kept = (f"the last good checkpoint {last_path} (epoch {start_epoch_of(last_path)}) stays"
+                    if last_path.exists() else "no checkpoint was written yet")
+            raise TrainingError(f"fold {fold}: loss is {mean} at epoch {epoch + 1}, by batch {b + 1} "
+                                f"({loss_name}, lr {lr:.2e}); training stopped, {kept}. Lower train.lr "
+                                "or check the data")
+
+        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main)
+        loss_sum, seen, lr = train_one_epoch(fwd_model, model, loader, n_batches, state, builder, loss_fn, t,
+                                             device, precision, f"fold {fold} epoch {epoch + 1}/{n_epochs} "
+                                             f"{loss_name}", progress, ctx.is_main, bad_loss)
         train_seconds = time.time() - t0
         if ctx.enabled:  # the logged train loss covers every rank's images
             parts = all_gather_objects((loss_sum, seen), ctx)
             loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
         sync_buffers(model, ctx)
-        val_loss, metric, iou, *_ = evaluate(model, builder, data, val_idx, device, cfg, precision, loss_fn, ctx)
-        improved = metric > best_metric
+        val_loss, metric, iou, order, val_probs, val_cls = evaluate(model, builder, data, val_idx, device, cfg,
+                                                                    precision, loss_fn, ctx)
+        improved, state.best_metric, state.since_best = observe(metric, state.best_metric, state.since_best)
         if improved:
-            best_metric, best_epoch, since_best = metric, epoch, 0
-        else:
-            since_best += 1
-        keep = improved if t["select"] == "best" else True  # "last": the weights of the latest epoch
-        lrc.observe(metric)
-        row = {"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
-               "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
-               "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}", "best_metric": f"{best_metric:.5f}",
-               "seconds": f"{time.time() - t0:.1f}",
-               "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"}
-        log_rows.append(row)
+            state.best_epoch = epoch
+        state.lrc.observe(metric)
+        log_rows.append({"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
+                         "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
+                         "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}",
+                         "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
+                         "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"})
+        if tb.writer is not None:
+            if val_cls is not None:  # what the metric saw: masks the classifier calls empty are emptied
+                val_probs = np.where((val_cls < 0.5)[:, None, None], np.float16(0), val_probs)
+            tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order], val_probs,
+                     cfg["postprocess"]["default_threshold"])
         if calibrate is not None and epoch == 0 and start_epoch == 0:
-            new = all_gather_objects(calibrate(time.time() - t0) if ctx.is_main else None, ctx)[0]
-            if new is not None and new != [st["epochs"] for st in t["stages"]]:
-                cfg = B.apply_plan(cfg, {"epochs": new, "warmup_epochs": t["warmup_epochs"]})
-                t = cfg["train"]
-                state = lrc.state_dict()
-                lrc = LRController(cfg)
-                lrc.load_state_dict(state)
-                n_epochs = C.total_epochs(cfg)
-        next_epoch = epoch + 1
-        es = t["early_stopping"]
-        if es and since_best >= es and next_epoch < lrc.starts[stage + 1]:
-            if ctx.is_main:
-                log.info("fold %d: no gain for %d epochs, ending stage %d early", fold, es, stage)
-            next_epoch = lrc.starts[stage + 1]
-        if lrc.stage_of(next_epoch) != stage and next_epoch < n_epochs:
-            lrc.new_stage()
-            since_best = 0
+            cfg = _recalibrate(cfg, calibrate(time.time() - t0) if ctx.is_main else None, state, ctx)
+            t = cfg["train"]
+        state.epoch, new_stage = next_epoch(epoch, state.lrc.starts, state.since_best, t["early_stopping"])
+        if state.epoch > epoch + 1 and ctx.is_main:
+            log.info("fold %d: no gain for %d epochs, ending stage %d early", fold, t["early_stopping"], stage)
+        if new_stage:
+            state.lrc.new_stage()
+            state.since_best = 0
         if ctx.is_main:
-            if keep:
-                save_checkpoint({"model": model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
-                                 "metric": metric, "device_type": device.type,
-                                 "precision": precision.to_dict()}, best_path)
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "lr_state": lrc.state_dict(), "epoch": next_epoch,
-                             "best_metric": best_metric, "best_epoch": best_epoch, "since_best": since_best,
-                             "rng_torch": torch.get_rng_state(), "config": cfg, "fold": fold}, last_path)
-            _write_log(log_path, log_rows)
+            _checkpoint(state, cfg, fold, rd, device, precision, metric, epoch,
+                        keep=improved if t["select"] == "best" else True)
+            _write_log(rd.log(fold), log_rows)
             epoch_times.append(time.time() - t0)
-            left = (n_epochs - next_epoch) * float(np.mean(epoch_times[-5:]))
+            left = (C.total_epochs(cfg) - state.epoch) * float(np.mean(epoch_times[-5:]))
             log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs, "
-                     "%.1f img/s; fold ETA %s", fold, epoch + 1, n_epochs, loss_name, loss_sum / max(seen, 1),
-                     val_loss, metric, iou, best_metric, epoch_times[-1], seen / max(train_seconds, 1e-9),
-                     _clock(time.time() + left))
+                     "%.1f img/s; fold ETA %s", fold, epoch + 1, C.total_epochs(cfg), loss_name,
+                     loss_sum / max(seen, 1), val_loss, metric, iou, state.best_metric, epoch_times[-1],
+                     seen / max(train_seconds, 1e-9), _clock(time.time() + left))
         barrier(ctx)
-        epoch = next_epoch
-        if stop_after is not None and epoch >= stop_after and epoch < n_epochs:
-            raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
 
-    # every rank must end with the same weights: record their checksums (one per rank)
-    digest = hashlib.sha1(b"".join(v.detach().cpu().float().numpy().tobytes()
-                                   for v in model.state_dict().values())).hexdigest()
-    rank_digests = all_gather_objects(digest, ctx)
-    if len(set(rank_digests)) != 1:
-        raise TrainingError(f"fold {fold}: model weights differ across the {ctx.world} processes")
-
-    # out-of-fold probabilities from the best weights, with flip TTA
-    best = load_checkpoint(best_path) if best_path.exists() else None
-    if best is None:
-        barrier(ctx)
-        best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
-    tta = cfg["predict"]["tta"]
-    _, metric_tta, _, order, probs, cls = evaluate(model, builder, data, val_idx, device, cfg, precision,
-                                              get_loss(t["stages"][-1]["loss"]), ctx, tta=tta)
-    done = {"fold": fold, "best_metric": best_metric, "best_epoch": best_epoch, "oof_metric_tta": metric_tta,
-            "select": t["select"], "kept_epoch": int(best["epoch"]),
+    tb.close()
+    digests = _weights_digests(model, ctx, fold)
+    kept, metric_tta = _oof_pass(model, cfg, fold, rd, builder, data, val_idx, device, precision, ctx)
+    done = {"fold": fold, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "oof_metric_tta": metric_tta, "select": t["select"], "kept_epoch": int(kept["epoch"]),
             "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
-            "precision": precision.name, "epochs_planned": n_epochs,
-            "weights_sha1_per_rank": rank_digests}
+            "precision": precision.name, "epochs_planned": C.total_epochs(cfg), "weights_sha1_per_rank": digests}
     if ctx.is_main:
-        with atomic_path(rd.oof(fold), suffix=".npz") as tmp, open(tmp, "wb") as fh:
-            extra = {} if cls is None else {"cls": cls.astype(np.float32)}
-            np.savez(fh, ids=data.ids[order], probs=probs.astype(np.float16), **extra)
         write_json_atomic(rd.done(fold), done)
         last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
         log.info("fold %d done: best metric %.4f (epoch %d); kept epoch %d (%s); OOF with TTA %.4f", fold,
-                 best_metric, best_epoch + 1, int(best["epoch"]) + 1, t["select"], metric_tta)
+                 state.best_metric, state.best_epoch + 1, int(kept["epoch"]) + 1, t["select"], metric_tta)
     barrier(ctx)
     return done
+
+
+def _recalibrate(cfg: dict, new: list[int] | None, state: TrainState, ctx: DistContext) -> dict:
+    """The config with the epochs the calibrated time plan gives (the main process decides)."""
+    new = all_gather_objects(new, ctx)[0]
+    if new is None or new == [st["epochs"] for st in cfg["train"]["stages"]]:
+        return cfg
+    cfg = B.apply_plan(cfg, {"epochs": new, "warmup_epochs": cfg["train"]["warmup_epochs"]})
+    lr_state = state.lrc.state_dict()
+    state.lrc = LRController(cfg)
+    state.lrc.load_state_dict(lr_state)
+    return cfg
+
+
+def _checkpoint(state: TrainState, cfg: dict, fold: int, rd: RunDir, device, precision: Precision, metric: float,
+                epoch: int, keep: bool) -> None:
+    """best.pt (the kept weights, for prediction) when ``keep``; last.pt (to resume) always."""
+    if keep:
+        save_checkpoint({"model": state.model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
+                         "metric": metric, "device_type": device.type, "precision": precision.to_dict()},
+                        rd.best(fold))
+    save_checkpoint({**state.state_dict(), "config": cfg, "fold": fold}, rd.last(fold))
 
 
 def _clock(ts: float) -> str:
@@ -700,7 +776,6 @@ def train_command(args) -> int:
                 print(run_dir)
             return 0
 
-        stop_after = os.environ.get("TGS_STOP_AFTER_EPOCH")  # test hook: simulate an interruption
         workers = args.workers if args.workers is not None else (
             min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
         for fold in folds_to_train:
@@ -721,8 +796,7 @@ def train_command(args) -> int:
                 # the plan as it stands (calibrated by an earlier fold, maybe)
                 train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)) if budget_min is not None else cfg
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                           workers=workers, ctx=ctx, precision=precision, calibrate=calibrate,
-                           stop_after=int(stop_after) if stop_after else None)
+                           workers=workers, ctx=ctx, precision=precision, calibrate=calibrate)
                 calibrate = None  # only the job's first epoch calibrates
     finally:
         shutdown(ctx)

@@ -1,0 +1,80 @@
+"""``python -m tgs_salt compare BASE OTHER``: is OTHER better than BASE, beyond noise?
+
+Both runs' out-of-fold predictions are scored image by image on the images they share, at the
+default threshold and with nested post-processing (each group tuned on the others, the same
+groups for both runs), and the mean per-image difference OTHER - BASE is reported with a 95%
+bootstrap interval over images. 601 images give a standard error of about 0.016 on one score,
+but paired differences cancel what the images have in common and resolve far smaller gains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tgs_salt.data.folds import folds_for
+from tgs_salt.errors import UserError
+from tgs_salt.io_utils import write_json_atomic
+from tgs_salt.metric import per_image_scores
+from tgs_salt.postprocess import PostProcess, apply, nested_scores, split_groups
+from tgs_salt.report import oof_with_truth, read_run
+
+
+def bootstrap_interval(diff: np.ndarray, n_boot: int = 10000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of ``diff`` (resampling images)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for s in range(0, n_boot, 1000):  # in chunks: 1000 x n indices at a time
+        k = min(1000, n_boot - s)
+        means[s:s + k] = diff[rng.integers(0, len(diff), (k, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def per_image(run_dir: Path, data_dir: Path | None):
+    """ids, per-image scores at the default threshold and nested, and the nested method."""
+    cfg, facts = read_run(run_dir)
+    ids, probs, cls, data, rows = oof_with_truth([run_dir], np.array([1.0]), data_dir or Path(facts["data_dir"]))
+    truth = data.masks[rows]
+    default = PostProcess(float(cfg["postprocess"]["default_threshold"]), 0, 0.5 if cls is not None else None)
+    at_default = per_image_scores(apply(probs, default, cls=cls), truth)
+    groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
+    nested, _ = nested_scores(probs, truth, cfg, groups, cls)
+    return ids, at_default, nested, how
+
+
+def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int = 10000) -> dict:
+    a_ids, a_def, a_nest, how_a = per_image(base, data_dir)
+    b_ids, b_def, b_nest, how_b = per_image(other, data_dir)
+    if how_a != how_b or not np.array_equal(a_ids, b_ids):
+        raise UserError(f"{base} and {other} hold out different images ({len(a_ids)} and {len(b_ids)}); a paired "
+                        "comparison needs the same folds (same folds file and folds.train_folds)")
+    out = {"base": str(base), "other": str(other), "n_images": len(a_ids), "nested_method": how_a,
+           "bootstrap_resamples": n_boot}
+    for name, a, b in (("default_threshold", a_def, b_def), ("nested", a_nest, b_nest)):
+        d = b - a
+        lo, hi = bootstrap_interval(d, n_boot)
+        out[name] = {"base": round(float(a.mean()), 6), "other": round(float(b.mean()), 6),
+                     "gain": round(float(d.mean()), 6), "ci95": [round(lo, 6), round(hi, 6)],
+                     "images_better": int((d > 0).sum()), "images_worse": int((d < 0).sum())}
+    return out
+
+
+def compare_command(args) -> int:
+    r = compare(Path(args.base), Path(args.other), Path(args.data_dir) if args.data_dir else None, args.bootstrap)
+    print(f"{Path(args.other).name} against {Path(args.base).name}, paired on {r['n_images']} held-out images")
+    for name in ("default_threshold", "nested"):
+        x = r[name]
+        verdict = "better" if x["ci95"][0] > 0 else "worse" if x["ci95"][1] < 0 else "not resolved from noise"
+        print(f"  {name:>17s}: {x['base']:.4f} -> {x['other']:.4f}  gain {x['gain']:+.4f} "
+              f"(95% bootstrap {x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f}; {x['images_better']} images better, "
+              f"{x['images_worse']} worse): {verdict}")
+    print(f"  nested: {r['nested_method']}")
+    if args.out:
+        write_json_atomic(Path(args.out), r)
+        print(args.out)
+    else:
+        print(json.dumps(r))
+    return 0

@@ -1,0 +1,278 @@
+"""``python -m tgs_salt run``: the whole job, data to submission (what ``./run_all.sh`` runs
+after setting up the environment).
+
+    data (the Kaggle folder, else a download, else the synthetic demo) -> config -> folds ->
+    train (in this process, or one fold per free GPU from a queue) -> CV -> predict -> submission
+    [-> kaggle submit]
+
+Every stage logs to ``<run dir>/logs/<stage>.log`` as well as to the console; a failing stage
+is named with its log. Completed folds are skipped and interrupted ones resumed, so running it
+again continues where it stopped. The last two lines on stdout are the CV score and the
+submission's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tgs_salt import paths
+from tgs_salt.errors import UserError
+from tgs_salt.rundir import RunDir
+
+log = logging.getLogger("tgs_salt.run")
+
+BANNER = """\
+################################################################################
+#  NO KAGGLE DATA FOUND: running the SYNTHETIC DEMO (made-up seismic images).   #
+#  Its scores say nothing about the competition. For the real thing:            #
+#    1. accept the rules at kaggle.com/c/tgs-salt-identification-challenge      #
+#    2. put kaggle.json in ~/.kaggle/ (or set KAGGLE_USERNAME and KAGGLE_KEY)   #
+#    3. run ./run_all.sh again (it downloads into data/), or --data-dir DIR     #
+################################################################################"""
+
+
+def add_arguments(s) -> None:
+    s.add_argument("--config", help="YAML config, a path or a shipped name (default: demo on synthetic data, "
+                                    "competition on a GPU, cpu_budget on a CPU)")
+    s.add_argument("--data-dir", help="Kaggle-format folder (default: $TGS_DATA_DIR or data/)")
+    s.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    s.add_argument("--folds", help="comma-separated folds to train (default: the config's)")
+    s.add_argument("--force", action="store_true", help="retrain the folds asked for even if complete")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--gpus-per-fold", type=int, default=1, metavar="G",
+                   help="GPUs per fold (a torchrun group of G); folds share the GPUs from a queue")
+    s.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="everything after set-up ends within MINUTES (default: the config's train.time_budget_minutes)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=5e-4 (repeatable)")
+    s.add_argument("--submit", action="store_true", help="submit to Kaggle at the end (needs -m)")
+    s.add_argument("-m", "--message", help="the Kaggle submission message")
+    s.add_argument("--synth-size", default="1000,500", metavar="TRAIN,TEST",
+                   help="synthetic demo size when there is no Kaggle data (default 1000,500)")
+
+
+def _cli(*argv) -> int:
+    """Run a ``python -m tgs_salt`` command in this process; UserErrors propagate."""
+    from tgs_salt.cli import build_parser
+
+    args = build_parser().parse_args([str(a) for a in argv])
+    return int(args.func(args) or 0)
+
+
+def has_data(d: Path) -> bool:
+    return all((d / f).is_file() for f in ("train.csv", "depths.csv", "sample_submission.csv")) and \
+        (d / "train" / "images").is_dir() and (d / "test" / "images").is_dir()
+
+
+class Stages:
+    """Named stages, each logged to ``<log dir>/<name>.log`` too; a failure names the stage."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def move_to(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.log_dir.glob("*.log"):
+            shutil.move(str(f), log_dir / f.name)
+        self.log_dir = log_dir
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str = ""):
+        path = self.log_dir / f"{name}.log"
+        handler = logging.FileHandler(path, mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        print(f"== [{name}] {what}".rstrip(), file=sys.stderr, flush=True)
+        try:
+            yield path
+        except UserError as exc:
+            log.error("%s", exc)
+            err = UserError(f"stage '{name}' failed: {exc} (see {path})")
+            err.exit_code = exc.exit_code
+            raise err from None
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def choose_data(data_dir: Path, stages: Stages, synth_size: str) -> tuple[Path, bool]:
+    """(data folder, synthetic?): the Kaggle folder, else a download, else the synthetic demo."""
+    from tgs_salt.kaggle_api import has_credentials
+
+    if has_data(data_dir):
+        log.info("using the Kaggle data in %s", data_dir)
+        return data_dir, False
+    if has_credentials():
+        with stages("download"):
+            _cli("download", "--data-dir", data_dir)
+        return data_dir, False
+    print(BANNER, file=sys.stderr, flush=True)
+    synth = data_dir / "synthetic"
+    if not has_data(synth):
+        try:
+            n_train, n_test = (int(x) for x in synth_size.split(","))
+        except ValueError:
+            raise UserError(f"--synth-size {synth_size!r}: expected TRAIN,TEST image counts, e.g. 1000,500") from None
+        with stages("synth"):
+            _cli("synth", synth, "--train", n_train, "--test", n_test, "--seed", 0, "--force")
+    return synth, True
+
+
+def gpu_slots(n_gpus: int, per_fold: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each fold slot. An inherited CUDA_VISIBLE_DEVICES is respected:
+    slot j gets the j-th group of the devices it lists."""
+    if per_fold < 1:
+        raise UserError(f"--gpus-per-fold {per_fold}: a positive number")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d] if visible else [str(g) for g in range(n_gpus)]
+    if len(devices) < n_gpus:
+        raise UserError(f"CUDA_VISIBLE_DEVICES={visible} lists fewer than {n_gpus} GPUs")
+    n_slots = n_gpus // per_fold
+    if n_slots < 1:
+        raise UserError(f"--gpus-per-fold {per_fold} but {n_gpus} GPU(s)")
+    return [",".join(devices[j * per_fold:(j + 1) * per_fold]) for j in range(n_slots)]
+
+
+def fold_status(run_dir: Path, fold: int) -> str:
+    import json
+
+    try:
+        d = json.loads(RunDir(run_dir).done(fold).read_text())
+    except (OSError, ValueError):
+        return "no done.json"
+    return (f"best metric {d['best_metric']:.4f} (epoch {d['best_epoch'] + 1}), kept epoch "
+            f"{d.get('kept_epoch', d['best_epoch']) + 1}, OOF {d['oof_metric_tta']:.4f}, "
+            f"{d['epochs_run']} epochs in {d['seconds'] / 60:.1f} min")
+
+
+def train_queue(folds: list[int], slots: list[str], train_args: list[str], log_dir: Path, run_dir: Path,
+                per_fold: int) -> None:
+    """Train ``folds`` on the GPU ``slots``: a free slot takes the next fold from the queue (no waves
+    waiting for the slowest). One status line per fold on the console; each fold's output goes
+    to ``logs/train_fold<k>.log``."""
+    todo: queue.Queue[int] = queue.Queue()
+    for f in folds:
+        todo.put(f)
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(devs: str) -> None:
+        while not failed:
+            try:
+                f = todo.get_nowait()
+            except queue.Empty:
+                return
+            logf = log_dir / f"train_fold{f}.log"
+            if per_fold > 1:
+                exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+                cmd = [exe, "--standalone", f"--nproc-per-node={per_fold}", "-m", "tgs_salt"]
+            else:
+                cmd = [sys.executable, "-m", "tgs_salt"]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=devs)
+            with lock:
+                print(f"== [train fold {f}] GPUs {devs}, log {logf}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            with open(logf, "w") as fh:
+                rc = subprocess.call([*cmd, "train", *train_args, "--fold", str(f)], stdout=fh,
+                                     stderr=subprocess.STDOUT, env=env)
+            with lock:
+                if rc != 0:
+                    failed.append(f"fold {f} (exit {rc}; see {logf})")
+                    print(f"== [train fold {f}] FAILED after {(time.time() - t0) / 60:.1f} min: see {logf}",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"== [train fold {f}] done: {fold_status(run_dir, f)}", file=sys.stderr, flush=True)
+
+    threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise UserError("training failed: " + "; ".join(failed))
+
+
+def count_gpus(device: str) -> int:
+    if device == "cpu":
+        return 0
+    if os.environ.get("TGS_GPUS"):  # fewer GPUs than torch sees (the tests use it to run the queue on CPU)
+        return int(os.environ["TGS_GPUS"])
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_command(args) -> int:
+    from tgs_salt.config import load_config
+    from tgs_salt.hardware import resolve_device
+    from tgs_salt.train import parse_folds
+
+    os.environ.setdefault("TGS_JOB_START", str(time.time()))  # the time budget counts from here
+    t_start = float(os.environ["TGS_JOB_START"])
+    if args.submit and not args.message:
+        raise UserError("--submit needs a message: --submit -m \"my message\"")
+    stages = Stages(paths.runs_dir() / "logs")  # until the run directory is known
+    data_dir, synthetic = choose_data(Path(args.data_dir) if args.data_dir else paths.data_dir(), stages,
+                                      args.synth_size)
+    device_type = resolve_device(args.device).type  # GPUs torch cannot use: stops here, saying what to install
+    config = args.config or ("demo" if synthetic else "competition" if device_type == "cuda" else "cpu_budget")
+    with stages("config", config):
+        cfg = load_config(config, args.set)
+        folds = parse_folds(None, args.folds, cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
+    stages.move_to(RunDir(run_dir).root / "logs")
+    log.info("config %s, data %s, run directory %s, device %s", config, data_dir, run_dir, device_type)
+
+    with stages("folds"):
+        _cli("folds", "--config", config, "--data-dir", data_dir)
+    sets = [x for s in args.set for x in ("--set", s)]
+    train_args = ["--config", config, "--data-dir", data_dir, "--run-dir", run_dir, "--resume", "--device",
+                  args.device, *(["--force"] if args.force else []),
+                  *(["--time-budget", args.time_budget] if args.time_budget is not None else []), *sets]
+    train_args = [str(a) for a in train_args]
+    n_gpus = count_gpus(args.device if args.device != "auto" else device_type)
+    if n_gpus >= 2 or args.gpus_per_fold > 1:
+        slots = gpu_slots(n_gpus, args.gpus_per_fold)
+        print(f"run: {n_gpus} GPUs, {args.gpus_per_fold} per fold, {len(slots)} fold(s) at a time "
+              f"(slots {' | '.join(slots)})", file=sys.stderr, flush=True)
+        with stages("plan", "precision and time plan, once for all folds"):
+            _cli("train", *train_args, "--folds", ",".join(map(str, folds)), "--plan-only",
+                 "--parallel-folds", len(slots))
+        with stages("train", f"folds {folds} from a queue"):
+            train_queue(folds, slots, train_args, stages.log_dir, run_dir, args.gpus_per_fold)
+    else:
+        with stages("train", f"folds {folds}"):
+            _cli("train", *train_args, "--folds", ",".join(map(str, folds)))
+            for f in folds:
+                print(f"== [train fold {f}] {fold_status(run_dir, f)}", file=sys.stderr, flush=True)
+
+    import json
+
+    with stages("cv"):
+        _cli("cv", "--run-dir", run_dir, "--data-dir", data_dir)
+    cv = json.loads(RunDir(run_dir).cv.read_text())
+    with stages("predict"):
+        _cli("predict", "--run-dir", run_dir, "--data-dir", data_dir, "--device", args.device)
+    submission = json.loads(RunDir(run_dir).submission_record.read_text())["submission"]
+    if args.submit:
+        with stages("submit"):
+            _cli("submit", submission, "-m", args.message, "--data-dir", data_dir)
+    if synthetic:
+        print("run: (synthetic demo data: scores are not competition scores)", file=sys.stderr)
+    took = time.time() - t_start
+    print(f"run: done in {int(took // 60)} min {int(took % 60)} s after set-up", file=sys.stderr)
+    print(f"CV score: {cv['score']:.4f} (threshold {cv['default_threshold']:.2f}: "
+          f"{cv['score_default_threshold']:.4f}; nested: {cv['score_nested']:.4f})")
+    print(submission)
+    return 0
