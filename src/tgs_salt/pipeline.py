@@ -241,7 +241,7 @@ def run_command(args) -> int:
                   args.device, *(["--force"] if args.force else []),
                   *(["--time-budget", args.time_budget] if args.time_budget is not None else []), *sets]
     train_args = [str(a) for a in train_args]
-    n_gpus = count_gpus(args.device if args.device != "auto" else device_type)
+    n_gpus = count_gpus(args.device)  # TGS_GPUS applies to --device auto too (the tests' CPU slots)
     if n_gpus >= 2 or args.gpus_per_fold > 1:
         slots = gpu_slots(n_gpus, args.gpus_per_fold)
         print(f"run: {n_gpus} GPUs, {args.gpus_per_fold} per fold, {len(slots)} fold(s) at a time "
