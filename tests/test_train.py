@@ -341,3 +341,22 @@ def test_tensorboard_optional(tmp_path, synth_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UserError, match="pip install tensorboard"):
         train_fold(cfg, 0, tmp_path / "r2", data, folds, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+@pytest.mark.parametrize("name", ["competition", "cpu_budget", "demo"])
+def test_shipped_config_trains_shortened_on_cpu(name, tmp_path, synth_dir):
+    """Each shipped recipe with everything it adopted (classifier head, loss stages, weight
+    selection), shortened to one epoch per stage and two batches: trains, keeps weights, writes OOF."""
+    cfg = C.load_config(name, ["model.encoder_weights=null", "train.batch_size=8", "train.val_batch_size=32",
+                               "train.max_train_batches=2", "train.time_budget_minutes=null", "train.amp=false",
+                               "train.channels_last=false"])
+    for st in cfg["train"]["stages"]:
+        st["epochs"] = 1
+    data = load_train(synth_dir)
+    folds = assign_folds(data.ids, data.masks, 3, 1)
+    done = train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert done["epochs_run"] == len(cfg["train"]["stages"]) and done["select"] == cfg["train"]["select"]
+    with np.load(tmp_path / "r" / "fold0" / "oof.npz") as z:
+        assert ("cls" in z.files) == cfg["model"]["cls_head"] and len(z["ids"]) == (folds == 0).sum()
