@@ -21,7 +21,7 @@ def test_runs_table(tmp_path, capsys):
     (tmp_path / "not-a-run").mkdir()
     assert main(["runs", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["run", "config", "cv_default", "cv_tuned"]
+    assert lines[0].split()[:4] == ["run", "config", "cv_default", "cv_nested"]
     assert len(lines) == 3
     a, b = lines[1], lines[2]
     assert a.startswith("a ") and "0.7100" in a and "0.7000" in a and "fp32+channels_last" in a and "10.0" in a

@@ -41,7 +41,8 @@ def run_row(run_dir: Path) -> dict:
     return {
         "run": run_dir.name, "config": cfg.get("name"),
         "changed": " ".join(changed_keys(cfg)) or "-",
-        "cv_default": cv.get("score_default_threshold"), "cv_tuned": cv.get("score"),
+        "cv_default": cv.get("score_default_threshold"), "cv_nested": cv.get("score_nested"),
+        "cv_tuned": cv.get("score"),
         "threshold": cv.get("threshold"), "min_area": cv.get("min_area"),
         "folds": len(done), "epochs": sum(d.get("epochs_run", 0) for d in done),
         "minutes": round(sum(d.get("seconds", 0) for d in done) / 60, 1),
@@ -74,7 +75,7 @@ def runs_command(args) -> int:
         print(f"no runs in {root}")
         return 0
     rows = [run_row(d) for d in dirs]
-    cols = ["run", "config", "cv_default", "cv_tuned", "threshold", "min_area", "folds", "epochs", "minutes",
+    cols = ["run", "config", "cv_default", "cv_nested", "cv_tuned", "threshold", "min_area", "folds", "epochs", "minutes",
             "device", "precision", "changed"]
     table = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]

@@ -340,10 +340,7 @@ def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: 
 
 def _oof_pass(model, cfg, fold, rd: RunDir, builder, data, val_idx, device, precision, ctx) -> tuple[dict, float]:
     """Out-of-fold probabilities of the kept weights, with flip TTA, to oof.npz; (kept checkpoint, metric)."""
-    kept = load_checkpoint(rd.best(fold)) if rd.best(fold).exists() else None
-    if kept is None:  # another rank is still writing it
-        barrier(ctx)
-        kept = load_checkpoint(rd.best(fold))
+    kept = load_checkpoint(rd.best(fold))  # written by the main process before the epoch's barrier
     model.load_state_dict(kept["model"])
     _, metric_tta, _, order, probs, cls = evaluate(model, builder, data, val_idx, device, cfg, precision,
                                                    get_loss(cfg["train"]["stages"][-1]["loss"]), ctx,
