@@ -453,9 +453,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             state.lrc.new_stage()
             state.since_best = 0
         if ctx.is_main:
+            # the log first: last.pt, written last, is what a resume trusts (it drops later log rows)
+            _write_log(rd.log(fold), log_rows)
             _checkpoint(state, cfg, fold, rd, device, precision, metric, epoch,
                         keep=improved if t["select"] == "best" else True)
-            _write_log(rd.log(fold), log_rows)
             epoch_times.append(time.time() - t0)
             left = (C.total_epochs(cfg) - state.epoch) * float(np.mean(epoch_times[-5:]))
             log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs, "
