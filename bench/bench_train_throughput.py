@@ -18,7 +18,7 @@ from common import save
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
-from tgs_salt.models import build_model
+from tgs_salt.models import build_model, split_output
 from tgs_salt.transforms import InputBuilder
 
 
@@ -40,8 +40,7 @@ def train_flops_per_image(model, x, y, loss_fn, crop) -> float:
 
     m = model.train()
     with FlopCounterMode(display=False) as fc:
-        out = m(x)
-        loss = loss_fn(crop(out[0] if isinstance(out, tuple) else out).float(), y)
+        loss = loss_fn(crop(split_output(m(x))[0]).float(), y)
         loss.backward()
     m.zero_grad(set_to_none=True)
     return fc.get_total_flops() / len(x)

@@ -18,7 +18,7 @@ from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import PostProcess, apply, nested_scores, split_groups
+from tgs_salt.postprocess import apply, nested_scores, split_groups, untuned
 from tgs_salt.report import oof_with_truth, read_run
 
 
@@ -38,8 +38,7 @@ def per_image(run_dir: Path, data_dir: Path | None):
     cfg, facts = read_run(run_dir)
     ids, probs, cls, data, rows = oof_with_truth([run_dir], np.array([1.0]), data_dir or Path(facts["data_dir"]))
     truth = data.masks[rows]
-    default = PostProcess(float(cfg["postprocess"]["default_threshold"]), 0, 0.5 if cls is not None else None)
-    at_default = per_image_scores(apply(probs, default, cls=cls), truth)
+    at_default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)
     groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
     nested, _ = nested_scores(probs, truth, cfg, groups, cls)
     return ids, at_default, nested, how

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tgs_salt.errors import UserError
+from tgs_salt.models import split_output
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -261,8 +262,7 @@ def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
         def step():
             with p.autocast(device):
                 out = m(xb)
-            out = out[0] if isinstance(out, tuple) else out  # a classifier's logit costs nothing here
-            loss = loss_fn(crop(out).float(), yb)
+            loss = loss_fn(crop(split_output(out)[0]).float(), yb)  # a classifier's logit costs nothing here
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

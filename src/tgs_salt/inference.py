@@ -15,15 +15,9 @@ import torch
 
 from tgs_salt import hardware
 from tgs_salt.hardware import Precision
+from tgs_salt.models import split_output
 from tgs_salt.rundir import load_checkpoint
 from tgs_salt.transforms import InputBuilder
-
-
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mask logits, classification logits or None) of a model's output."""
-    if isinstance(out, (tuple, list)):
-        return out[0], out[1]
-    return out, None
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
 ``build_model(cfg["model"], in_channels)`` returns a module mapping (B, C, H, W) to logits
 (B, 1, H, W), or to ``(logits, salt logits (B, 1))`` with ``model.cls_head`` (an empty /
-non-empty classifier on the deepest features, trained jointly; see ``inference.split_output``).
+non-empty classifier on the deepest features, trained jointly; see ``split_output``).
 Unknown names fail with the list of valid ones.
 """
 
@@ -25,6 +25,13 @@ PLAIN_ARCHS = ("plain_unet", "plain_unet_strided", "fcn")
 WEIGHTS_HELP = ("set model.encoder_weights to a local weights file (for resnet34, torchvision's "
                 "resnet34-b627a593.pth or an smp encoder state dict), or to null to train from scratch "
                 "(e.g. --set model.encoder_weights=null)")
+
+
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, classification logits or None) of a model's output."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
 
 
 def arch_names() -> tuple[str, ...]:

@@ -14,6 +14,7 @@ submission's path.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -145,8 +146,6 @@ def gpu_slots(n_gpus: int, per_fold: int) -> list[str]:
 
 
 def fold_status(run_dir: Path, fold: int) -> str:
-    import json
-
     try:
         d = json.loads(RunDir(run_dir).done(fold).read_text())
     except (OSError, ValueError):
@@ -256,8 +255,6 @@ def run_command(args) -> int:
             _cli("train", *train_args, "--folds", ",".join(map(str, folds)))
             for f in folds:
                 print(f"== [train fold {f}] {fold_status(run_dir, f)}", file=sys.stderr, flush=True)
-
-    import json
 
     with stages("cv"):
         _cli("cv", "--run-dir", run_dir, "--data-dir", data_dir)

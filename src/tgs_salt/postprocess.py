@@ -26,6 +26,11 @@ class PostProcess:
         return asdict(self)
 
 
+def untuned(cfg: dict, with_cls: bool) -> PostProcess:
+    """No tuning: the config's default threshold, no minimum area, the classifier's cut at 0.5."""
+    return PostProcess(float(cfg["postprocess"]["default_threshold"]), 0, 0.5 if with_cls else None)
+
+
 def is_blank(images: np.ndarray) -> np.ndarray:
     """Images of a single value (their masks are empty in the train set)."""
     flat = images.reshape(len(images), -1)
@@ -52,16 +57,17 @@ def threshold_grid(cfg: dict) -> np.ndarray:
     return np.round(np.linspace(float(start), float(stop), int(count)), 6)
 
 
-def _search(probs, truth, th, areas, cls) -> tuple[PostProcess, float]:
-    best, best_score = None, -1.0
+def _search(probs, truth, th, areas, cls) -> tuple[PostProcess, float, np.ndarray]:
+    """The best post-processing, its score, and the threshold x min-area grid at its cls cut."""
+    best, best_score, best_grid = None, -1.0, None
     for c in (CLS_GRID if cls is not None else [None]):
         p = probs if not c else np.where((cls < c)[:, None, None], 0, probs)
         grid = threshold_sweep(p, truth, th, areas)
         a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
         if grid[a, k] > best_score + 1e-12:
-            best, best_score = PostProcess(float(th[k]), int(areas[a]), None if c is None else float(c)), \
-                float(grid[a, k])
-    return best, best_score
+            best = PostProcess(float(th[k]), int(areas[a]), None if c is None else float(c))
+            best_score, best_grid = float(grid[a, k]), grid
+    return best, best_score, best_grid
 
 
 def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None = None) -> tuple[PostProcess, dict]:
@@ -69,10 +75,8 @@ def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None
     (the threshold x min-area grid at the chosen cls_threshold)."""
     th = threshold_grid(cfg)
     areas = np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64)
-    best, score = _search(probs, truth, th, areas, cls)
-    p = probs if not best.cls_threshold else np.where((cls < best.cls_threshold)[:, None, None], 0, probs)
-    grid = threshold_sweep(p, truth, th, areas)
-    default = PostProcess(float(cfg["postprocess"]["default_threshold"]), 0, 0.5 if cls is not None else None)
+    best, score, grid = _search(probs, truth, th, areas, cls)
+    default = untuned(cfg, cls is not None)
     return best, {"thresholds": th, "min_areas": areas, "grid": grid,
                   "score_default": float(per_image_scores(apply(probs, default, cls=cls), truth).mean()),
                   "score_tuned": score, "default": default}
@@ -96,7 +100,7 @@ def nested_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.nd
     for g in np.unique(groups):
         out = groups == g
         c_in = None if cls is None else cls[~out]
-        pp, _ = _search(probs[~out], truth[~out], th, areas, c_in)
+        pp, _, _ = _search(probs[~out], truth[~out], th, areas, c_in)
         scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
         chosen.append({"group": int(g), **pp.to_dict()})
     return scores, chosen

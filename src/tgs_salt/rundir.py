@@ -19,9 +19,6 @@ class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)
 
-    def __fspath__(self) -> str:
-        return str(self.root)
-
     config = property(lambda self: self.root / "config.yaml")
     facts = property(lambda self: self.root / "run.json")
     precision = property(lambda self: self.root / "precision.json")

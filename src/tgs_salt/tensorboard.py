@@ -40,14 +40,13 @@ class TensorBoard:
                             "pip install tensorboard (or pip install -e '.[tensorboard]'), or set it to false") from None
         self.writer = SummaryWriter(str(log_dir))
 
-    def epoch(self, epoch: int, row: dict, images: np.ndarray, truth: np.ndarray, probs: np.ndarray,
-              threshold: float) -> None:
+    def epoch(self, epoch: int, row: dict, images: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
+        """The row's scalars and the worst of the binary predictions ``pred``."""
         if self.writer is None:
             return
         for k in SCALARS:
             if k in row:
                 self.writer.add_scalar(k, float(row[k]), epoch + 1)
-        pred = probs > threshold
         self.writer.add_images("worst_validation_predictions",
                                worst_grid(images, truth, pred, per_image_scores(pred, truth)), epoch + 1,
                                dataformats="NCHW")

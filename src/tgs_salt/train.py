@@ -32,10 +32,12 @@ from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision, resolve_device
-from tgs_salt.inference import predict_arrays, split_output
+from tgs_salt.inference import predict_arrays
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
+from tgs_salt.models import split_output
+from tgs_salt.postprocess import apply, untuned
 from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
 from tgs_salt.tensorboard import TensorBoard
 from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment
@@ -50,14 +52,6 @@ class TrainingError(UserError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def fold_dir(run_dir: Path, fold: int) -> Path:
-    return RunDir(run_dir).fold(fold)
-
-
-def is_done(run_dir: Path, fold: int) -> bool:
-    return RunDir(run_dir).is_done(fold)
-
 
 def git_commit() -> str | None:
     try:
@@ -190,10 +184,7 @@ def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: Di
     order, all_probs = order[sort], all_probs[sort]
     all_cls = np.concatenate([q[3] for q in parts])[sort] if cls is not None else None
     val_loss = sum(q[2] for q in parts) / max(len(order), 1)
-    th = cfg["postprocess"]["default_threshold"]
-    pred = all_probs > th
-    if all_cls is not None:  # the classifier empties the masks of images it calls empty
-        pred[all_cls < 0.5] = False
+    pred = apply(all_probs, untuned(cfg, all_cls is not None), cls=all_cls)  # a classifier empties masks
     truth = data.masks[order]
     metric = float(per_image_scores(pred, truth).mean())
     inter, union = np.logical_and(pred, truth).sum(), np.logical_or(pred, truth).sum()
@@ -438,11 +429,9 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                          "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}",
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
                          "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"})
-        if tb.writer is not None:
-            if val_cls is not None:  # what the metric saw: masks the classifier calls empty are emptied
-                val_probs = np.where((val_cls < 0.5)[:, None, None], np.float16(0), val_probs)
-            tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order], val_probs,
-                     cfg["postprocess"]["default_threshold"])
+        if tb.writer is not None:  # the masks the metric saw
+            tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
+                     apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
         if calibrate is not None and epoch == 0 and start_epoch == 0:
             cfg = _recalibrate(cfg, calibrate(time.time() - t0) if ctx.is_main else None, state, ctx)
             t = cfg["train"]
@@ -741,7 +730,7 @@ def train_command(args) -> int:
         if ctx.is_main:
             prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
         barrier(ctx)
-        pending = [f for f in folds_to_train if args.force or not is_done(run_dir, f)]
+        pending = [f for f in folds_to_train if args.force or not RunDir(run_dir).is_done(f)]
 
         # precision (probed once per run on CPU) and the time plan, made by the main process
         precision, calibrate = None, None
@@ -777,7 +766,7 @@ def train_command(args) -> int:
         workers = args.workers if args.workers is not None else (
             min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
         for fold in folds_to_train:
-            fdir = fold_dir(run_dir, fold)
+            fdir = RunDir(run_dir).fold(fold)
             if fold not in pending:
                 if ctx.is_main:
                     log.info("fold %d is complete in %s: skipped (--force retrains)", fold, fdir)
