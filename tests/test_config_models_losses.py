@@ -33,6 +33,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"model": {"encoder": "resnet35"}}, "resnet34"),
     ({"model": {"encoder_weights": "/no/such/file.pth"}}, "null"),
     ({"train": {"stages": [{"loss": "nope", "epochs": 1}]}}, "lovasz"),
+    ({"train": {"stages": [{"loss": "bce + x*dice", "epochs": 1}]}}, "weight 'x' of dice"),
+    ({"train": {"stages": [{"loss": "bce + -1*dice", "epochs": 1}]}}, "must be positive"),
+    ({"train": {"ema": 1.5}}, "train.ema"),
     ({"train": {"stages": [{"loss": "bce", "epochs": 0}]}}, "positive"),
     ({"train": {"optimizer": "lion"}}, "adamw"),
     ({"input": {"channels": ["image", "colour"]}}, "image_x_row"),
@@ -105,6 +108,48 @@ def test_losses_known_values():
     with pytest.raises(UserError) as e:
         get_loss("focal")
     assert "lovasz" in str(e.value)
+
+
+def test_weighted_sum_of_losses():
+    x, y = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
+    assert get_loss("bce") is bce
+    assert float(get_loss(" bce + 0.5*lovasz_symmetric ")(x, y)) == pytest.approx(
+        float(bce(x, y) + 0.5 * lovasz_symmetric(x, y)), rel=1e-6)
+    assert float(get_loss("2*dice")(x, y)) == pytest.approx(2 * float(dice(x, y)), rel=1e-6)
+    with pytest.raises(UserError, match="unknown loss 'focal' in 'bce\\+focal'"):
+        get_loss("bce+focal")
+
+
+def test_ema_averages_weights_and_copies_counters():
+    from tgs_salt.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ema = EMA(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    assert ema.module is not model and all(not p.requires_grad for p in ema.module.parameters())
+    decays = []
+    for _ in range(50):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model(torch.randn(4, 1, 5, 5))  # moves BatchNorm statistics and its batch counter
+        decays.append(ema.current_decay())
+        ema.update()
+    # the decay warms up, then holds
+    assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.5 and decays == sorted(decays)
+    # the average trails the weights (which moved +1 per step) by decay / (1 - decay) = 1 step
+    lag = [float((p - e).mean()) for p, e in zip(model.parameters(), ema.module.parameters(), strict=True)]
+    assert all(0.9 < v < 1.1 for v in lag), lag
+    assert all(float((e - s).mean()) > 30 for e, s in zip(ema.module.parameters(), start, strict=True))
+    assert int(ema.module[1].num_batches_tracked) == 50
+    rm = ema.module[1].running_mean
+    assert not torch.equal(rm, model[1].running_mean) and torch.isfinite(rm).all()
+    # state round trip
+    other = EMA(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 50 and all(torch.equal(a, b) for a, b in zip(
+        other.module.state_dict().values(), ema.module.state_dict().values(), strict=True))
 
 
 def test_augmentations_valid_under_strict_and_deterministic():

@@ -269,6 +269,61 @@ def test_calibration_after_the_first_epoch():
     assert new["total_s"] == pytest.approx(43 + (sum(new["epochs"]) - 1) * 17 + plan["fixed_s"], abs=0.1)
 
 
+@pytest.mark.parametrize("total, current, done, want", [
+    (27, [16, 11], 5, [16, 11]),    # nothing to change
+    (22, [16, 11], 5, [13, 9]),     # slower host: both stages shrink in proportion 16:11 of the config
+    (30, [16, 11], 5, [18, 12]),    # faster host: both grow
+    (22, [16, 11], 15, [15, 7]),    # 15 epochs of stage 0 ran: it keeps them, stage 1 takes the rest
+    (10, [16, 11], 15, [15, 1]),    # far behind: at least the epochs run, and one per later stage
+    (25, [16, 11], 16, [16, 9]),    # stage 0 finished: fixed; only stage 1 changes
+    (25, [16, 11], 20, [16, 9]),
+    (18, [16, 11], 20, [16, 4]),    # the stage in progress keeps the 4 epochs it ran: it ends now
+])
+def test_split_open_keeps_what_ran(total, current, done, want):
+    got = B.split_open(total, current, done, [16, 11])
+    assert got == want and len(got) == 2 and all(e >= 1 for e in got)
+    stage = 1 if done >= current[0] else 0
+    assert got[:stage] == current[:stage]                   # finished stages are fixed
+    assert got[stage] >= done - sum(current[:stage])       # the stage in progress keeps what it ran
+
+
+def test_replan_follows_a_host_that_slows_down_and_ignores_noise():
+    plan = {"epochs": [16, 11], "config_epochs": [16, 11], "budget_minutes": 60, "job_start": 0.0, "fixed_s": 60.0,
+            "epoch_s": 127.0, "total_s": 3500.0}
+    target = 3600 * (1 - B.SAFETY) - 60
+    # after 5 epochs, on time: 22 epochs to go at 127 s end at the target
+    now = target - 22 * 127
+    assert B.replan(plan, 5, 127.0, now) is None
+    assert B.replan(plan, 5, 127.0 * 1.02, now) is None           # 0.44 epoch late: noise, no change
+    new = B.replan(plan, 5, 160.0, now)                           # the host slowed down by 26%
+    left = (target - now) / 160.0
+    assert sum(new["epochs"]) - 5 == round(left) and new["epochs"][0] < 16
+    assert new["replans"] == [{"after_epoch": 5, "epoch_s": 160.0, "from": [16, 11], "to": new["epochs"]}]
+    assert new["total_s"] == pytest.approx(now + (sum(new["epochs"]) - 5) * 160 + 60, abs=0.1)
+    assert abs(new["total_s"] - (target + 60)) <= 0.5 * 160 + 1     # ends within half an epoch of the target
+    faster = B.replan(plan, 5, 100.0, now)
+    assert sum(faster["epochs"]) > 27
+    # two more folds after this one: E - 5 + 2 E epochs fit in what is left
+    two = B.replan(plan, 5, 160.0, now, folds_after=2)
+    assert sum(two["epochs"]) == round(((target - now) / 160 + 5) / 3)
+
+
+def test_calibrator_replans_from_recent_epochs_and_writes_the_plan(tmp_path):
+    import time
+
+    from tgs_salt.train import _calibrator
+
+    plan = {"epochs": [16, 11], "config_epochs": [16, 11], "budget_minutes": 60, "job_start": time.time() - 600,
+            "fixed_s": 60.0, "epoch_s": 100.0, "total_s": 3500.0, "calibrated": True}
+    B.write_plan(tmp_path, plan)
+    cal = _calibrator(tmp_path, folds_after=0)
+    # 600 s spent, 2886 s of training left at 100 s per epoch: about 29 more epochs, not 22
+    new = cal(5, 100.0)
+    stored = B.read_plan(tmp_path)
+    assert new == stored["epochs"] and sum(new) - 5 in (28, 29, 30)
+    assert stored["replans"][0]["after_epoch"] == 5 and stored["replans"][0]["from"] == [16, 11]
+
+
 def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
     """A budgeted run writes precision.json and plan.json; an interrupted fold resumes under the
     same plan; a different budget for the same run directory is refused."""

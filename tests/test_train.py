@@ -111,8 +111,9 @@ def _setup(tmp_path, synth_dir, **sections):
 def test_resume_after_ctrl_c_gives_the_same_weights(tmp_path, synth_dir):
     """A real process interrupted by SIGINT after its first checkpoint resumes to the very weights
     and log of an uninterrupted run."""
-    cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce_dice", "epochs": 3}, {"loss": "lovasz", "epochs": 2}]},
-                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    cfg = tiny_config(tmp_path, train={"ema": 0.9, "stages": [{"loss": "bce_dice", "epochs": 3},
+                                                               {"loss": "bce + 0.5*lovasz_symmetric", "epochs": 2}]},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})  # the averaged weights are resumed too
     common = ["train", "--config", cfg, "--data-dir", synth_dir, "--device", "cpu", "--threads", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_cli(*common, "--run-dir", a)
@@ -268,6 +269,47 @@ def test_classifier_head_trains_and_reaches_oof_and_cv(tmp_path, synth_dir, arch
         assert cls.shape == (len(z["ids"]),) and ((cls >= 0) & (cls <= 1)).all() and cls.std() > 0
     ck = torch.load(run / "fold0" / "best.pt", weights_only=True)
     assert any(k.startswith(("cls.", "classification_head.")) for k in ck["model"])
+
+
+def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):
+    """The time plan's callback is asked after every epoch; a shorter plan takes effect at once."""
+    train = {"batch_size": 8, "max_train_batches": 2, "select": "last",
+             "stages": [{"loss": "bce_dice", "epochs": 3}, {"loss": "lovasz", "epochs": 2}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, train=train)
+    asked = []
+
+    def calibrate(done, seconds):
+        asked.append(done)
+        return [2, 1] if done == 1 else None
+
+    done = train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"), calibrate=calibrate)
+    log = pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")
+    assert asked == [1, 2, 3] and done["epochs_run"] == 3 and done["epochs_planned"] == 3
+    assert log["stage"].tolist() == [0, 0, 1] and log["loss_name"].tolist() == ["bce_dice", "bce_dice", "lovasz"]
+
+
+# ----------------------------------------------------------------------------- weight averaging
+
+def test_ema_weights_are_validated_and_kept(tmp_path, synth_dir):
+    """One step with train.ema: the kept weights are the average of the initial and the trained
+    weights with the warmed-up decay 2/11, BatchNorm statistics included."""
+    from tgs_salt.models import build_model
+
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 1, "stages": [{"loss": "bce_dice", "epochs": 1}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, train=train)
+    plain = train_fold(cfg, 0, tmp_path / "plain", data, folds, device=torch.device("cpu"))
+    cfg_ema, _, _ = _setup(tmp_path, synth_dir, train=dict(train, ema=0.99))
+    averaged = train_fold(cfg_ema, 0, tmp_path / "ema", data, folds, device=torch.device("cpu"))
+    torch.manual_seed(cfg["train"]["seed"])  # fold 0's seed: the same initial weights as both runs
+    init = build_model(cfg["model"], len(cfg["input"]["channels"])).state_dict()
+    trained = torch.load(tmp_path / "plain" / "fold0" / "best.pt", weights_only=True)["model"]
+    kept = torch.load(tmp_path / "ema" / "fold0" / "best.pt", weights_only=True)["model"]
+    d = 2 / 11
+    for k, v in kept.items():
+        expect = d * init[k] + (1 - d) * trained[k] if v.dtype.is_floating_point else trained[k]
+        assert torch.allclose(v, expect, atol=1e-6), k
+    assert any(not torch.equal(v, trained[k]) for k, v in kept.items() if v.dtype.is_floating_point)
+    assert averaged["kept_epoch"] == plain["kept_epoch"] == 0
 
 
 # ----------------------------------------------------------------------------- paired comparison

@@ -138,6 +138,48 @@ def calibrate(plan: dict, first_epoch_s: float, now: float) -> dict:
     return out
 
 
+def split_open(total: int, current: list[int], done: int, config_epochs: list[int]) -> list[int]:
+    """``total`` epochs per stage for a fold that has run ``done`` epochs of the plan ``current``:
+    the stages it finished keep their epochs, the stage it is in keeps at least the epochs it ran
+    (a cosine stage is shortened or lengthened, never reopened), and what is left goes to the
+    stage in progress and the later ones in the config's proportions (at least one epoch each)."""
+    starts = [sum(current[:i]) for i in range(len(current))]
+    i = max(j for j, s in enumerate(starts) if s <= done)
+    fixed, ran = current[:i], done - starts[i]
+    n_open = len(current) - i
+    rest = max(total - sum(fixed), max(ran, 1) + n_open - 1)
+    open_ = split_epochs(rest, config_epochs[i:])
+    if open_[0] < max(ran, 1):
+        open_[0] = max(ran, 1)
+        if n_open > 1:
+            open_[1:] = split_epochs(rest - open_[0], config_epochs[i + 1:])
+    return fixed + open_
+
+
+def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int = 0) -> dict | None:
+    """The plan re-made during a fold, after its epoch ``done`` (1-based), from the measured time
+    per epoch: when the host slows down or speeds up, the epochs still to run (in this fold and
+    the ``folds_after`` folds after it) change so that the job ends on time. None when the current
+    plan still ends within 0.6 of an epoch of the target (no change for noise)."""
+    current = list(plan["epochs"])
+    target = plan["job_start"] + plan["budget_minutes"] * 60 * (1 - SAFETY) - plan["fixed_s"]  # training's end
+    total_now = sum(current)
+    predicted = now + (total_now - done + folds_after * total_now) * epoch_s
+    if abs(predicted - target) <= 0.6 * epoch_s:
+        return None
+    total = math.floor(((target - now) / epoch_s + done) / (1 + folds_after) + 0.5)
+    epochs = split_open(total, current, done, plan["config_epochs"])
+    if epochs == current:
+        return None
+    out = dict(plan)
+    train_left = (sum(epochs) - done + folds_after * sum(epochs)) * epoch_s
+    out.update({"epochs": epochs, "epoch_s": round(epoch_s, 2),
+                "total_s": round(now - plan["job_start"] + train_left + plan["fixed_s"], 1),
+                "replans": [*plan.get("replans", []), {"after_epoch": done, "epoch_s": round(epoch_s, 2),
+                                                        "from": current, "to": epochs}]})
+    return out
+
+
 # ----------------------------------------------------------------------------- plan file
 
 def plan_path(run_dir: Path) -> Path:

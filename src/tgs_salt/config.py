@@ -73,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
         "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
         "select": "best",               # weights kept per fold: best (validation metric) | last epoch
+        "ema": None,                    # per-step decay of a moving average of the weights (e.g. 0.99): validated and kept
         "seed": 42,
         "val_batch_size": 128,
         "max_train_batches": None,      # cap batches per epoch (smoke tests)
@@ -131,6 +132,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
     ("train", "tensorboard"): (bool, None, None, False),
+    ("train", "ema"): (float, "(0", 0.999999, True),
     ("train", "seed"): (int, 0, 2**32 - 1, False),
     ("train", "max_train_batches"): (int, 1, 1 << 30, True),
     ("folds", "k"): (int, 2, 1000, False),
@@ -245,7 +247,7 @@ def _check(cond: bool, msg: str, where: str) -> None:
 
 
 def validate(cfg: dict, where: str = "config") -> None:
-    from tgs_salt.losses import LOSSES
+    from tgs_salt.losses import parse_loss
 
     for (section, key), allowed in CHOICES.items():
         v = cfg[section][key]
@@ -267,8 +269,10 @@ def validate(cfg: dict, where: str = "config") -> None:
         unknown = set(st) - STAGE_KEYS
         _check(not unknown, f"train.stages[{i}] has unknown key(s) {sorted(unknown)}; allowed: "
                f"{', '.join(sorted(STAGE_KEYS))}", where)
-        _check(st.get("loss") in LOSSES, f"train.stages[{i}].loss = {st.get('loss')!r}; allowed: "
-               f"{', '.join(LOSSES)}", where)
+        try:
+            parse_loss(st.get("loss"))
+        except ValueError as e:
+            _check(False, f"train.stages[{i}].loss: {e}", where)
         _check(isinstance(st.get("epochs"), int) and not isinstance(st.get("epochs"), bool) and st["epochs"] >= 1,
                f"train.stages[{i}].epochs = {st.get('epochs')!r}; a positive integer", where)
         if "lr" in st:

@@ -2,7 +2,8 @@
 
 ``bce``, ``dice`` (soft, per image), ``bce_dice``, ``lovasz`` (per-image Lovasz hinge, elu+1
 as popularised on this competition), ``lovasz_symmetric`` (mean of the hinge on the mask and
-on its complement, which also rewards empty predictions on empty masks), ``bce_lovasz``.
+on its complement, which also rewards empty predictions on empty masks), ``bce_lovasz``, and any
+weighted sum of them written as ``"bce + 0.5*lovasz_symmetric"``.
 """
 
 from __future__ import annotations
@@ -60,9 +61,34 @@ LOSSES = {
 }
 
 
+def parse_loss(name: str) -> list[tuple[float, str]]:
+    """``"bce + 0.5*lovasz_symmetric"`` -> [(1.0, "bce"), (0.5, "lovasz_symmetric")]: a weighted sum of
+    the named losses (one name alone is a sum of one). Raises ValueError naming what is wrong."""
+    terms = []
+    for part in str(name).split("+"):
+        w, _, loss = part.strip().rpartition("*")
+        loss = loss.strip()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r} in {name!r}; valid: {', '.join(LOSSES)}, or a weighted sum "
+                             "such as 'bce + 0.5*lovasz_symmetric'")
+        try:
+            weight = float(w) if w.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight {w.strip()!r} of {loss} in {name!r} is not a number") from None
+        if not weight > 0:
+            raise ValueError(f"weight {w.strip()!r} of {loss} in {name!r} must be positive")
+        terms.append((weight, loss))
+    return terms
+
+
 def get_loss(name: str):
     from tgs_salt.errors import UserError
 
-    if name not in LOSSES:
-        raise UserError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    try:
+        terms = parse_loss(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return LOSSES[terms[0][1]]
+    fns = [(w, LOSSES[n]) for w, n in terms]
+    return lambda logits, target: sum(w * fn(logits, target) for w, fn in fns)

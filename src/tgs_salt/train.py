@@ -30,6 +30,7 @@ from tgs_salt import budget as B
 from tgs_salt import config as C
 from tgs_salt import hardware, paths
 from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
+from tgs_salt.ema import EMA
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.inference import predict_arrays
@@ -206,12 +207,21 @@ class TrainState:
     best_metric: float = -1.0
     best_epoch: int = -1
     since_best: int = 0      # epochs without a gain, within the stage
+    ema: EMA | None = None   # the averaged weights (train.ema): validated and kept instead of the model's
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights each epoch validates and a fold keeps."""
+        return self.model if self.ema is None else self.ema.module
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "lr_state": self.lrc.state_dict(), "epoch": self.epoch,
-                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "since_best": self.since_best,
-                "rng_torch": torch.get_rng_state()}
+        d = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "scaler": self.scaler.state_dict(), "lr_state": self.lrc.state_dict(), "epoch": self.epoch,
+             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "since_best": self.since_best,
+             "rng_torch": torch.get_rng_state()}
+        if self.ema is not None:
+            d["ema"] = self.ema.state_dict()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.model.load_state_dict(d["model"])
@@ -220,6 +230,11 @@ class TrainState:
         self.lrc.load_state_dict(d["lr_state"])
         self.epoch, self.best_metric, self.best_epoch = d["epoch"], d["best_metric"], d["best_epoch"]
         self.since_best = d["since_best"]
+        if self.ema is not None:
+            if "ema" not in d:
+                raise UserError("the checkpoint to resume has no averaged weights but train.ema is set; "
+                                "resume with the config it was started with, or --force to restart")
+            self.ema.load_state_dict(d["ema"])
         torch.set_rng_state(d["rng_torch"])
 
 
@@ -278,6 +293,8 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
             torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         state.scaler.step(state.optimizer)
         state.scaler.update()
+        if state.ema is not None:
+            state.ema.update()
         loss_acc += loss.detach() * len(img)
         seen += len(img)
         if (b + 1) % check_every == 0 or b + 1 == n_batches:
@@ -358,8 +375,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                precision: Precision | None = None, calibrate=None) -> dict:
     """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
     (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
-    ``calibrate(first_epoch_seconds)``, called on the main process after a fresh fold's first
-    epoch, may return new epochs per stage (a time plan corrected by the measured epoch)."""
+    ``calibrate(epochs_done, epoch_seconds)``, called on the main process after each epoch of a
+    fresh fold, may return new epochs per stage (the time plan corrected by the measured epochs)."""
     ctx = ctx or DistContext()
     t = cfg["train"]
     if precision is None:
@@ -381,7 +398,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     builder = InputBuilder.from_config(cfg)
     model, fwd_model = _setup_model(cfg, device, precision, ctx)
     state = TrainState(model, make_optimizer(model.parameters(), t),
-                       torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg))
+                       torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg),
+                       ema=EMA(model, t["ema"]) if t["ema"] else None)
     log_rows: list[dict] = []
     if resume and last_path.exists():
         state.load_state_dict(load_checkpoint(last_path))
@@ -418,8 +436,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             parts = all_gather_objects((loss_sum, seen), ctx)
             loss_sum, seen = sum(p[0] for p in parts), sum(p[1] for p in parts)
         sync_buffers(model, ctx)
-        val_loss, metric, iou, order, val_probs, val_cls = evaluate(model, builder, data, val_idx, device, cfg,
-                                                                    precision, loss_fn, ctx)
+        if state.ema is not None:
+            sync_buffers(state.ema.module, ctx)
+        val_loss, metric, iou, order, val_probs, val_cls = evaluate(state.eval_model, builder, data, val_idx,
+                                                                    device, cfg, precision, loss_fn, ctx)
         improved, state.best_metric, state.since_best = observe(metric, state.best_metric, state.since_best)
         if improved:
             state.best_epoch = epoch
@@ -432,8 +452,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         if tb.writer is not None:  # the masks the metric saw
             tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
                      apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
-        if calibrate is not None and epoch == 0 and start_epoch == 0:
-            cfg = _recalibrate(cfg, calibrate(time.time() - t0) if ctx.is_main else None, state, ctx)
+        if calibrate is not None and start_epoch == 0:
+            cfg = _recalibrate(cfg, calibrate(epoch + 1, time.time() - t0) if ctx.is_main else None, state, ctx)
             t = cfg["train"]
         state.epoch, new_stage = next_epoch(epoch, state.lrc.starts, state.since_best, t["early_stopping"])
         if state.epoch > epoch + 1 and ctx.is_main:
@@ -455,7 +475,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         barrier(ctx)
 
     tb.close()
-    digests = _weights_digests(model, ctx, fold)
+    digests = _weights_digests(state.eval_model, ctx, fold)
     kept, metric_tta = _oof_pass(model, cfg, fold, rd, builder, data, val_idx, device, precision, ctx)
     done = {"fold": fold, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
             "oof_metric_tta": metric_tta, "select": t["select"], "kept_epoch": int(kept["epoch"]),
@@ -487,7 +507,7 @@ def _checkpoint(state: TrainState, cfg: dict, fold: int, rd: RunDir, device, pre
                 epoch: int, keep: bool) -> None:
     """best.pt (the kept weights, for prediction) when ``keep``; last.pt (to resume) always."""
     if keep:
-        save_checkpoint({"model": state.model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
+        save_checkpoint({"model": state.eval_model.state_dict(), "config": cfg, "fold": fold, "epoch": epoch,
                          "metric": metric, "device_type": device.type, "precision": precision.to_dict()},
                         rd.best(fold))
     save_checkpoint({**state.state_dict(), "config": cfg, "fold": fold}, rd.last(fold))
@@ -667,20 +687,37 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     return plan
 
 
-def _calibrator(run_dir: Path):
-    """The callback that corrects a fresh time plan with the job's first measured epoch."""
-    def calibrate(first_epoch_s: float) -> list[int] | None:
+def _calibrator(run_dir: Path, folds_after: int):
+    """The callback that keeps a time plan made by this job on time, for a fold followed by
+    ``folds_after`` more: the job's first epoch replaces the probe's estimate; after each later
+    epoch the plan is re-made from the mean of the last three epochs when it drifted off by more
+    than 0.6 of an epoch (the host slowed down or sped up)."""
+    recent: list[float] = []
+
+    def calibrate(done: int, epoch_s: float) -> list[int] | None:
         plan = B.read_plan(run_dir)
-        if plan is None or plan.get("calibrated") is not False:
+        if plan is None:
             return None
-        new = B.calibrate(plan, first_epoch_s, time.time())
+        if plan.get("calibrated") is False:
+            new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
+        else:
+            recent.append(epoch_s)
+            mean = float(np.mean(recent[-3:]))
+            new = B.replan(plan, done, mean, time.time(), folds_after)
+            why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"
+        if new is None:
+            return None
         B.write_plan(run_dir, new)
-        log.info("time plan calibrated on the first epoch (%.0f s measured, %.0f s estimated): epochs per stage "
-                 "%s -> %s; the job should end at %s (%.1f min)", first_epoch_s, plan["epoch_s"], plan["epochs"],
-                 new["epochs"], time.strftime("%H:%M", time.localtime(new["job_start"] + new["total_s"])),
-                 new["total_s"] / 60)
+        log.info("time plan %s (%.0f s measured, %.0f s planned): epochs per stage %s -> %s; the job should end "
+                 "at %s (%.1f min)", why, epoch_s, plan["epoch_s"], plan["epochs"], new["epochs"],
+                 time.strftime("%H:%M", time.localtime(new["job_start"] + new["total_s"])), new["total_s"] / 60)
         return new["epochs"]
     return calibrate
+
+
+def _follower(run_dir: Path, folds_after: int):
+    """A rank other than the main one: the plan is the main process's to change."""
+    return lambda done, epoch_s: None
 
 
 def job_start_time() -> float:
@@ -753,11 +790,11 @@ def train_command(args) -> int:
                                       n_folds=-(-max(len(pending), 1) // parallel),
                                       n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
                                       will_calibrate=not args.plan_only and parallel == 1)
-                    if plan.get("calibrated") is False:  # a fresh plan, still to be corrected by epoch 1
-                        calibrate = _calibrator(run_dir)
+                    if plan.get("calibrated") is False:  # a fresh plan, made by this job: kept on time
+                        calibrate = _calibrator
                 barrier(ctx)
                 if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
-                    calibrate = lambda seconds: None  # noqa: E731  (every rank joins the broadcast)
+                    calibrate = _follower  # every rank joins the main process's broadcast of a new plan
         if args.plan_only:
             if ctx.is_main:
                 print(run_dir)
@@ -782,9 +819,10 @@ def train_command(args) -> int:
                 barrier(ctx)
                 # the plan as it stands (calibrated by an earlier fold, maybe)
                 train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)) if budget_min is not None else cfg
+                folds_after = sum(1 for f in pending if folds_to_train.index(f) > folds_to_train.index(fold))
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
-                           workers=workers, ctx=ctx, precision=precision, calibrate=calibrate)
-                calibrate = None  # only the job's first epoch calibrates
+                           workers=workers, ctx=ctx, precision=precision,
+                           calibrate=calibrate(run_dir, folds_after) if calibrate is not None else None)
     finally:
         shutdown(ctx)
     if ctx.is_main:
