@@ -819,7 +819,7 @@ def train_command(args) -> int:
                 barrier(ctx)
                 # the plan as it stands (calibrated by an earlier fold, maybe)
                 train_cfg = B.apply_plan(cfg, B.read_plan(run_dir)) if budget_min is not None else cfg
-                folds_after = sum(1 for f in pending if folds_to_train.index(f) > folds_to_train.index(fold))
+                folds_after = len(pending) - pending.index(fold) - 1  # trained after this one, in this job
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
                            workers=workers, ctx=ctx, precision=precision,
                            calibrate=calibrate(run_dir, folds_after) if calibrate is not None else None)
