@@ -30,10 +30,11 @@ def hardware() -> dict:
     return info
 
 
-def save(name: str, result: dict) -> Path:
+def save(name: str, result: dict, echo: bool = True) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"hardware": hardware(), **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    if echo:
+        print(json.dumps(result, indent=2))
     return path

@@ -5,7 +5,7 @@ import yaml
 from tgs_salt import config as C
 from tgs_salt.errors import UserError
 from tgs_salt.losses import LOSSES, bce, dice, get_loss, lovasz_hinge, lovasz_symmetric
-from tgs_salt.models import build_model
+from tgs_salt.models import HypercolumnDecoder, build_model
 
 
 def write_cfg(tmp_path, body: dict):
@@ -40,6 +40,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"optimizer": "lion"}}, "adamw"),
     ({"input": {"channels": ["image", "colour"]}}, "image_x_row"),
     ({"input": {"pad_to": 100}}, "multiple of 32"),
+    ({"input": {"pad_to": 112}}, "multiple of 32 (2^5 for model.encoder_depth 5)"),
+    ({"model": {"encoder_depth": 4}, "input": {"pad_to": 112}}, "needs one per encoder stage: model.encoder_depth = 4"),
+    ({"model": {"encoder_depth": 6}}, "model.encoder_depth = 6; 3, 4 or 5"),
     ({"augment": {"hflip": 2}}, "augment.hflip = 2; a number >= 0 and <= 1"),
 ])
 def test_bad_values_name_the_choices(tmp_path, body, needle):
@@ -171,3 +174,50 @@ def test_augmentations_valid_under_strict_and_deterministic():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # per-sample seeding
         epoch3 = [ds[3 * 4 + i][0] for i in range(4)]
         assert any(not torch.equal(ds[4 * 4 + i][0], epoch3[i]) for i in range(4))  # a new draw each epoch
+
+
+def test_shallower_encoder_on_a_smaller_input():
+    """encoder_depth 4 (no deepest stage) runs on 112 px, 0.77x the pixels of 128, with fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = C.load_config("cpu_budget", ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,8]",
+                                       "input.pad_to=112"])
+    m4 = build_model(cfg["model"], 3).eval()
+    m5 = build_model(C.load_config("cpu_budget")["model"], 3).eval()
+    assert isinstance(m4.encoder.layer4, torch.nn.Identity) and not isinstance(m5.encoder.layer4, torch.nn.Identity)
+    assert all(p.requires_grad for p in m4.parameters())
+    # an encoder whose unused stages are not ResNet layers: those weights are frozen, the rest train
+    mb = build_model(dict(cfg["model"], encoder="mobilenet_v2"), 3)
+    frozen = [n for n, p in mb.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("encoder.") for n in frozen)
+    mask, salt = mb(torch.zeros(2, 3, 112, 112))
+    (mask.sum() + salt.sum()).backward()
+    assert all(p.grad is not None for p in mb.parameters() if p.requires_grad)
+    with torch.no_grad():
+        mask, salt = m4(torch.zeros(2, 3, 112, 112))
+        assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
+        flops = []
+        for m, size in ((m4, 112), (m5, 128)):
+            with FlopCounterMode(display=False) as fc:
+                m(torch.zeros(1, 3, size, size))
+            flops.append(fc.get_total_flops())
+    assert flops[0] < 0.65 * flops[1]
+    # the plain baselines downsample 4 times: 112 is enough for them
+    assert C.load_config("demo", ["input.pad_to=112"])["input"]["pad_to"] == 112
+
+
+def test_hypercolumn_decoder_fuses_every_block():
+    cfg = C.load_config("cpu_budget", ["model.hypercolumn=true"])["model"]
+    m = build_model(cfg, 3)
+    assert isinstance(m.decoder, HypercolumnDecoder)
+    assert m.decoder.fuse[0].in_channels == sum(cfg["decoder_channels"])
+    seen = []
+    hooks = [b.register_forward_hook(lambda mod, i, o: seen.append(o.shape[-1])) for b in m.decoder.decoder.blocks]
+    mask, salt = m(torch.randn(2, 3, 128, 128))
+    assert mask.shape == (2, 1, 128, 128) and seen == [8, 16, 32, 64, 128]
+    (mask.mean() + salt.mean()).backward()
+    assert all(p.grad is not None for p in m.parameters())  # every block reaches the loss directly
+    for h in hooks:
+        h.remove()
+    with pytest.raises(UserError, match="hypercolumn is for arch Unet"):
+        C.load_config("cpu_budget", ["model.hypercolumn=true", "model.arch=FPN"])

@@ -297,3 +297,74 @@ def test_real_data_end_to_end(shared_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     v = validate_submission(sub, shared_data / "sample_submission.csv")
     assert v.ok and v.rows == 1000
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+def _fake_source(tmp_path, probs, cls=None, pp=None, folds=(0,), sha="abc"):
+    src = tmp_path / "src"
+    src.mkdir()
+    ids = np.array([f"t{i}" for i in range(len(probs))])
+    np.savez(src / "test_probs.npz", ids=ids, probs=probs.astype(np.float16), **({} if cls is None else {"cls": cls}))
+    (src / "submission.json").write_text(json.dumps({"postprocess": pp or {"threshold": 0.5, "min_area": 0,
+                                                                             "cls_threshold": None}}))
+    (src / "run.json").write_text(json.dumps({"folds_sha1": sha}))
+    for k in folds:
+        (src / f"fold{k}").mkdir()
+        (src / f"fold{k}" / "done.json").write_text("{}")
+    return src, ids
+
+
+def test_pseudo_labels_keep_confident_images_with_the_submission_masks(tmp_path):
+    from tgs_salt.data.kaggle_io import TestSet
+    from tgs_salt.pseudo import confidence, load_pseudo
+
+    rng = np.random.default_rng(0)
+    probs = np.zeros((4, 101, 101), np.float32)
+    probs[0, :50] = 0.98                          # sure: salt on top
+    probs[1] = rng.uniform(0.3, 0.7, (101, 101))   # unsure
+    probs[2] = 0.01                               # sure: empty
+    probs[3, :, :60] = 0.95                       # sure salt, but the classifier is unsure (0.6)
+    cls = np.array([0.99, 0.5, 0.01, 0.6], np.float32)
+    assert confidence(probs)[[0, 2]].min() > 0.95 and confidence(probs)[1] < 0.3
+    src, ids = _fake_source(tmp_path, probs, cls, {"threshold": 0.5, "min_area": 0, "cls_threshold": 0.3})
+    images = rng.integers(0, 255, (5, 101, 101), dtype=np.uint8)
+    test = TestSet(np.array(["t3", "x", "t0", "t1", "t2"]), images, np.arange(5, dtype=np.float32))
+    ps = load_pseudo(src, test, 0.9)
+    assert ps.ids.tolist() == ["t0", "t2"] and ps.facts["images"] == 2 and ps.facts["non_empty"] == 1
+    assert (ps.images[0] == images[2]).all() and ps.depths.tolist() == [2.0, 4.0]   # matched by id
+    assert ps.masks[0][:50].all() and not ps.masks[0][50:].any() and not ps.masks[1].any()
+    assert len(load_pseudo(src, test, 0.0)) == 4
+    # whether a fold's held-out images taught the models behind the labels
+    assert not ps.fold_facts("abc", 0)["leaks_held_out"]
+    assert ps.fold_facts("abc", 1)["leaks_held_out"] and ps.fold_facts("other", 0)["leaks_held_out"]
+    with pytest.raises(UserError, match="lower train.pseudo_confidence"):
+        load_pseudo(src, test, 1.0)
+    with pytest.raises(UserError, match="not test images of this data"):
+        load_pseudo(src, TestSet(np.array(["t0"]), images[:1], np.zeros(1, np.float32)), 0.5)
+    (src / "submission.json").unlink()
+    with pytest.raises(UserError, match="submission.json is missing"):
+        load_pseudo(src, test, 0.5)
+
+
+def test_train_with_pseudo_labels_from_a_finished_run(predicted, synth_dir, tmp_path):
+    run_dir, _, _ = predicted
+    cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce", "epochs": 1}], "max_train_batches": 2,
+                                       "pseudo_labels": str(run_dir), "pseudo_confidence": 0.0})
+    out = tmp_path / "pl"
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", out, "--fold", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads((out / "fold0" / "done.json").read_text())
+    pl = done["pseudo_labels"]
+    assert pl["images"] == pl["of"] == 20 and pl["from"] == str(run_dir)
+    assert pl["leaks_held_out"]  # the source's fold-1 model trained on fold 0's held-out images
+    assert "CV is optimistic" in r.stderr
+    facts = json.loads((out / "run.json").read_text())
+    assert facts["pseudo_labels_sha1"] == pl["test_probs_sha1"]
+    # the same run directory as the source, or a source never predicted: clear errors
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0",
+                "--set", f"train.pseudo_labels={run_dir}")
+    assert r.returncode != 0 and "is the run directory being trained" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", tmp_path / "x", "--fold", "0",
+                "--set", f"train.pseudo_labels={tmp_path}")
+    assert r.returncode != 0 and "test_probs.npz is missing" in r.stderr and "Traceback" not in r.stderr

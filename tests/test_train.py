@@ -333,6 +333,18 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
     assert res["nested_method"] == "tuned on the other folds" and res["n_images"] > 0
     for k in ("default_threshold", "nested"):
         assert res[k]["gain"] == 0 and res[k]["ci95"] == [0, 0] and res[k]["base"] == res[k]["other"]
+    # per-image scores stored as JSON (as the ablation table keeps them) pair as the runs do
+    from tgs_salt.compare import paired, run_scores
+    from tgs_salt.errors import UserError
+
+    stored = json.loads(json.dumps(run_scores(run_dir)))
+    assert set(np.unique(stored["default"])) <= {round(0.1 * k, 4) for k in range(11)}
+    worse = {**stored, "default": [max(0.0, x - 0.1) for x in stored["default"]]}
+    p = paired(stored, worse, n_boot=200)
+    assert p["nested"]["gain"] == 0 and p["default_threshold"]["images_better"] == 0
+    assert p["default_threshold"]["gain"] == pytest.approx(np.mean(worse["default"]) - np.mean(stored["default"]))
+    with pytest.raises(UserError, match="different images"):
+        paired(stored, {**stored, "ids": stored["ids"][::-1]})
     # a run over other folds cannot be paired
     other = tmp_path / "other"
     (other / "fold0").mkdir(parents=True)

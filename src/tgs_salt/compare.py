@@ -44,21 +44,40 @@ def per_image(run_dir: Path, data_dir: Path | None):
     return ids, at_default, nested, how
 
 
-def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int = 10000) -> dict:
-    a_ids, a_def, a_nest, how_a = per_image(base, data_dir)
-    b_ids, b_def, b_nest, how_b = per_image(other, data_dir)
-    if how_a != how_b or not np.array_equal(a_ids, b_ids):
-        raise UserError(f"{base} and {other} hold out different images ({len(a_ids)} and {len(b_ids)}); a paired "
+def paired(a: dict, b: dict, n_boot: int = 10000) -> dict:
+    """Paired gain of ``b`` over ``a``, each a dict of ``ids``, ``default`` and ``nested`` per-image
+    scores (as :func:`per_image` returns them, or as an ablation table stores them)."""
+    if not np.array_equal(np.asarray(a["ids"]), np.asarray(b["ids"])):
+        raise UserError(f"the two runs hold out different images ({len(a['ids'])} and {len(b['ids'])}); a paired "
                         "comparison needs the same folds (same folds file and folds.train_folds)")
-    out = {"base": str(base), "other": str(other), "n_images": len(a_ids), "nested_method": how_a,
-           "bootstrap_resamples": n_boot}
-    for name, a, b in (("default_threshold", a_def, b_def), ("nested", a_nest, b_nest)):
-        d = b - a
+    out = {"n_images": len(a["ids"]), "bootstrap_resamples": n_boot}
+    for name, key in (("default_threshold", "default"), ("nested", "nested")):
+        x, y = np.asarray(a[key], dtype=float), np.asarray(b[key], dtype=float)
+        d = y - x
         lo, hi = bootstrap_interval(d, n_boot)
-        out[name] = {"base": round(float(a.mean()), 6), "other": round(float(b.mean()), 6),
+        out[name] = {"base": round(float(x.mean()), 6), "other": round(float(y.mean()), 6),
                      "gain": round(float(d.mean()), 6), "ci95": [round(lo, 6), round(hi, 6)],
                      "images_better": int((d > 0).sum()), "images_worse": int((d < 0).sum())}
     return out
+
+
+def run_scores(run_dir: Path, data_dir: Path | None = None) -> dict:
+    ids, at_default, nested, how = per_image(run_dir, data_dir)
+    return {"ids": [str(i) for i in ids], "default": np.round(at_default, 4).tolist(),
+            "nested": np.round(nested, 4).tolist(),
+            "nested_method": how}
+
+
+def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int = 10000) -> dict:
+    a, b = run_scores(base, data_dir), run_scores(other, data_dir)
+    try:
+        r = paired(a, b, n_boot)
+    except UserError as e:
+        raise UserError(f"{base} and {other}: {e}") from None
+    if a["nested_method"] != b["nested_method"]:
+        raise UserError(f"{base} and {other} were tuned on different groups of images ({a['nested_method']} / "
+                        f"{b['nested_method']}); a paired comparison needs the same folds")
+    return {"base": str(base), "other": str(other), "nested_method": a["nested_method"], **r}
 
 
 def compare_command(args) -> int:

@@ -25,10 +25,12 @@ DEFAULTS: dict[str, Any] = {
         "encoder": "resnet34",          # any smp encoder name
         "encoder_weights": "imagenet",  # imagenet | null | path to a local weights file
         "decoder_attention": None,      # null | scse
-        "decoder_channels": [256, 128, 64, 32, 16],
+        "encoder_depth": 5,             # smp encoders: 3..5 downsamplings (4: no deepest stage, input a multiple of 16)
+        "decoder_channels": [256, 128, 64, 32, 16],  # one per encoder stage: encoder_depth entries
         "base_channels": 32,            # width of the plain baselines
         "norm": "batch",                # batch | group (plain baselines only)
         "cls_head": False,              # empty / non-empty classifier on the deepest features; empties masks
+        "hypercolumn": False,           # Unet: every decoder block's output, upsampled and fused, feeds the head
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -74,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
         "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
         "select": "best",               # weights kept per fold: best (validation metric) | last epoch
         "ema": None,                    # per-step decay of a moving average of the weights (e.g. 0.99): validated and kept
+        "pseudo_labels": None,          # null | a finished run's predict output (test_probs.npz): confident test images join training
+        "pseudo_confidence": 0.9,       # least per-image confidence (mean |2p - 1|) of a pseudo-labelled image
         "seed": 42,
         "val_batch_size": 128,
         "max_train_batches": None,      # cap batches per epoch (smoke tests)
@@ -105,8 +109,9 @@ INF = float("inf")
 SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "base_channels"): (int, 1, 1024, False),
     ("model", "cls_head"): (bool, None, None, False),
+    ("model", "hypercolumn"): (bool, None, None, False),
     ("input", "resize"): (int, 101, 1024, False),
-    ("input", "pad_to"): (int, 32, 1024, False),
+    ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),
     ("augment", "vflip"): (float, 0, 1, False),
     ("augment", "affine_p"): (float, 0, 1, False),
@@ -133,6 +138,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "cls_loss_weight"): (float, 0, 100, False),
     ("train", "tensorboard"): (bool, None, None, False),
     ("train", "ema"): (float, "(0", 0.999999, True),
+    ("train", "pseudo_confidence"): (float, 0, 1, False),
     ("train", "seed"): (int, 0, 2**32 - 1, False),
     ("train", "max_train_batches"): (int, 1, 1 << 30, True),
     ("folds", "k"): (int, 2, 1000, False),
@@ -260,10 +266,23 @@ def validate(cfg: dict, where: str = "config") -> None:
            f"input.channels = {ch!r}; a non-empty list of {', '.join(CHANNELS)}", where)
     r, p = cfg["input"]["resize"], cfg["input"]["pad_to"]
     _check(isinstance(r, int) and r >= 101, f"input.resize = {r!r}; an integer >= 101", where)
-    _check(isinstance(p, int) and p >= r and p % 32 == 0,
-           f"input.pad_to = {p!r}; a multiple of 32 and >= input.resize ({r})", where)
+    m = cfg["model"]
+    depth = m["encoder_depth"]
+    _check(isinstance(depth, int) and not isinstance(depth, bool) and 3 <= depth <= 5,
+           f"model.encoder_depth = {depth!r}; 3, 4 or 5", where)
+    from tgs_salt.models import SMP_ARCHS
+
+    smp_arch = m["arch"] in SMP_ARCHS
+    stride = 2 ** depth if smp_arch else 16  # the plain baselines downsample 4 times
+    _check(isinstance(p, int) and p >= r and p % stride == 0,
+           f"input.pad_to = {p!r}; a multiple of {stride} (2^{stride.bit_length() - 1} for "
+           f"{'model.encoder_depth ' + str(depth) if smp_arch else 'the plain baselines'}) and >= input.resize ({r})",
+           where)
     t = cfg["train"]
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
+    _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
+           f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "
+           "predictions (test_probs.npz)", where)
     for i, st in enumerate(t["stages"]):
         _check(isinstance(st, dict), f"train.stages[{i}] must be a mapping", where)
         unknown = set(st) - STAGE_KEYS
@@ -291,6 +310,9 @@ def validate(cfg: dict, where: str = "config") -> None:
     dc = cfg["model"]["decoder_channels"]
     _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dc),
            f"model.decoder_channels = {dc!r}; a list of positive integers", where)
+    if m["arch"] in ("Unet", "UnetPlusPlus"):
+        _check(len(dc) == depth, f"model.decoder_channels = {dc!r} has {len(dc)} entries; {m['arch']} needs one per "
+               f"encoder stage: model.encoder_depth = {depth} entries", where)
     th = cfg["postprocess"]["thresholds"]
     _check(isinstance(th, list) and len(th) == 3 and all(isinstance(x, (int, float)) for x in th)
            and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,

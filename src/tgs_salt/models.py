@@ -73,6 +73,8 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
+    if m.get("hypercolumn") and m["arch"] != "Unet":
+        raise UserError(f"config {where}: model.hypercolumn is for arch Unet (got {m['arch']})")
     if m["cls_head"] and m["arch"] == "fcn":
         raise UserError(f"config {where}: model.cls_head is not available for fcn; use a U-Net")
     w = m["encoder_weights"]
@@ -144,6 +146,33 @@ class PlainFCN(nn.Module):
 
 # ----------------------------------------------------------------------------- smp
 
+class HypercolumnDecoder(nn.Module):
+    """An smp U-Net decoder whose output is a hypercolumn: every decoder block's output, upsampled
+    to the input size and concatenated, fused by a 1x1 convolution back to the last block's width
+    (so the segmentation head is unchanged). Reuses the wrapped decoder's center and blocks."""
+
+    def __init__(self, decoder: nn.Module, channels: list[int]):
+        super().__init__()
+        self.decoder = decoder
+        self.fuse = nn.Sequential(nn.Conv2d(sum(channels), channels[-1], 1, bias=False),
+                                  nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        shapes = [f.shape[2:] for f in features][::-1]
+        feats = features[1:][::-1]
+        skips = feats[1:]
+        x = self.decoder.center(feats[0])
+        outs = []
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, *shapes[i + 1], skip_connection=skips[i] if i < len(skips) else None)
+            outs.append(x)
+        size = outs[-1].shape[2:]
+        up = [o if o.shape[2:] == size else nn.functional.interpolate(o, size=size, mode="bilinear",
+                                                                      align_corners=False) for o in outs]
+        return self.fuse(torch.cat(up, dim=1))
+
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -186,7 +215,8 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
     _offline_when_nothing_to_fetch(weights)
     smp = _smp()
     cls = getattr(smp, arch)
-    kwargs = {"encoder_name": m["encoder"], "classes": 1, "activation": None}
+    kwargs = {"encoder_name": m["encoder"], "classes": 1, "activation": None,
+              "encoder_depth": m.get("encoder_depth", 5)}
     if arch in ("Unet", "UnetPlusPlus"):
         kwargs["decoder_channels"] = tuple(m["decoder_channels"])
         kwargs["decoder_attention_type"] = m["decoder_attention"]
@@ -206,4 +236,33 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         _load_local_weights(model, Path(str(weights)).expanduser())
         if in_channels != 3:
             model.encoder.set_in_channels(in_channels, pretrained=True)
+    if m.get("hypercolumn"):
+        model.decoder = HypercolumnDecoder(model.decoder, list(m["decoder_channels"]))
+    _drop_unused_stages(model, kwargs["encoder_depth"], in_channels)
     return model
+
+
+def _drop_unused_stages(model: nn.Module, depth: int, in_channels: int) -> None:
+    """smp builds an encoder's deepest stages even when ``encoder_depth`` skips them. ResNet
+    stages (layer3, layer4) are replaced by parameterless identities; any other weights that get
+    no gradient (found by one backward pass on a small input) are frozen. Either way no
+    optimizer, EMA step or DDP gradient reduction waits on weights that never get a gradient
+    (DDP would fail on them)."""
+    if depth >= 5:
+        return
+    enc = model.encoder
+    for stage in range(max(depth, 1), 5):  # layer4 is the 5th downsampling, layer3 the 4th
+        if isinstance(getattr(enc, f"layer{stage}", None), nn.Module):
+            setattr(enc, f"layer{stage}", nn.Identity())
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_channels, 2 ** depth * 2, 2 ** depth * 2)
+    out = model(x)
+    sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out])).backward()
+    unused = [p for p in model.parameters() if p.grad is None]
+    for p in unused:
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if unused:
+        log.info("encoder_depth %d: %d weight tensors of the deeper stages frozen (never used)", depth, len(unused))

@@ -140,6 +140,10 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
         "dice": round(float(2 * inter / max(psum + tsum, 1)), 6),
         "empty_accuracy": round(float((pred.any(axis=(1, 2)) == ~empty).mean()), 6),
     }
+    leaky = sorted(f"{Path(r).name}/{d.parent.name}" for r in run_dirs for d in Path(r).glob("fold*/done.json")
+                   if json.loads(d.read_text()).get("pseudo_labels", {}).get("leaks_held_out"))
+    if leaky:  # see pseudo.py: those folds' held-out images taught the models behind their pseudo-labels
+        result["optimistic_pseudo_labels"] = leaky
     out = output_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "cv.json", result)
@@ -162,6 +166,9 @@ def print_report(r: dict) -> None:
     for b in r["per_coverage"]:
         s = "   -  " if b["score"] is None else f"{b['score']:.4f}"
         print(f"    {b['bin']:>8s}  n={b['n']:>5d}  {s}")
+    if r.get("optimistic_pseudo_labels"):
+        print(f"  OPTIMISTIC: {', '.join(r['optimistic_pseudo_labels'])} trained on pseudo-labels from models that "
+              "had seen their held-out images")
     print(f"CV score: {r['score']:.4f}")
 
 

@@ -39,6 +39,7 @@ from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
 from tgs_salt.models import split_output
 from tgs_salt.postprocess import apply, untuned
+from tgs_salt.pseudo import PseudoSet, load_pseudo
 from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
 from tgs_salt.tensorboard import TensorBoard
 from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment
@@ -122,7 +123,8 @@ def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
 
 # ----------------------------------------------------------------------------- run directory
 
-def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, force: bool,
+                    pseudo_sha1: str | None = None) -> None:
     """Write (or check) the resolved config and the run's facts; refuse silent changes."""
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
@@ -144,10 +146,14 @@ def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, f
         if old.get("folds_sha1") != folds_sha:
             raise UserError(f"fold file {fold_file} changed since {run_dir} was trained; retrain with --force "
                             "or use another --run-dir")
+        if old.get("pseudo_labels_sha1") != pseudo_sha1:
+            raise UserError(f"the pseudo-labels ({cfg['train']['pseudo_labels']}/test_probs.npz) changed since "
+                            f"{run_dir} was trained; retrain with --force or use another --run-dir")
     write_text_atomic(cfg_path, text)
     write_json_atomic(facts_path, {"fold_file": str(fold_file), "folds_sha1": folds_sha,
                                    "data_dir": str(Path(data_dir).resolve()), "git_commit": git_commit(),
-                                   "torch": torch.__version__})
+                                   "torch": torch.__version__,
+                                   **({"pseudo_labels_sha1": pseudo_sha1} if pseudo_sha1 else {})})
 
 
 def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
@@ -330,13 +336,17 @@ def _setup_model(cfg: dict, device, precision: Precision, ctx: DistContext):
     return model, fwd_model
 
 
-def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: int, ctx: DistContext):
+def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: int, ctx: DistContext,
+            pseudo: PseudoSet | None = None):
     t = cfg["train"]
     augment = build_augment(cfg["augment"])
-    ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx], augment, seed)
+    arrays = [data.images[train_idx], data.masks[train_idx], data.depths[train_idx]]
+    if pseudo is not None:  # appended: the real images keep their indices, hence their augmentation seeds
+        arrays = [np.concatenate([a, b]) for a, b in zip(arrays, (pseudo.images, pseudo.masks, pseudo.depths))]
+    ds = AugmentedArrays(*arrays, augment, seed)
     if t["batch_size"] % ctx.world:
         raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {ctx.world} processes")
-    per_rank = min(t["batch_size"] // ctx.world, len(train_idx) // ctx.world)
+    per_rank = min(t["batch_size"] // ctx.world, len(ds) // ctx.world)
     sampler = EpochKeySampler(torch.utils.data.DistributedSampler(
         ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True), len(ds))
     loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
@@ -372,11 +382,12 @@ def _weights_digests(model, ctx: DistContext, fold: int) -> list[str]:
 
 def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, device: torch.device,
                resume: bool = False, workers: int = 0, ctx: DistContext | None = None,
-               precision: Precision | None = None, calibrate=None) -> dict:
+               precision: Precision | None = None, calibrate=None, pseudo: PseudoSet | None = None) -> dict:
     """Train one fold; returns the contents of its done.json. ``cfg`` holds the epochs to run
     (a time plan already applied); ``precision`` defaults to the config's rule (no probe).
     ``calibrate(epochs_done, epoch_seconds)``, called on the main process after each epoch of a
-    fresh fold, may return new epochs per stage (the time plan corrected by the measured epochs)."""
+    fresh fold, may return new epochs per stage (the time plan corrected by the measured epochs).
+    ``pseudo``: pseudo-labelled test images trained on with the fold's training images."""
     ctx = ctx or DistContext()
     t = cfg["train"]
     if precision is None:
@@ -408,7 +419,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             log.info("fold %d: resuming at epoch %d (best %.4f at epoch %d)", fold, state.epoch, state.best_metric,
                      state.best_epoch)
     start_epoch = state.epoch
-    loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx)
+    loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx, pseudo)
 
     t_fold, epoch_times = time.time(), []
     tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
@@ -482,6 +493,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
             "precision": precision.name, "epochs_planned": C.total_epochs(cfg), "weights_sha1_per_rank": digests}
+    if pseudo is not None:
+        facts = json.loads((run_dir / "run.json").read_text())
+        done["pseudo_labels"] = pseudo.fold_facts(facts.get("folds_sha1"), fold)
+        if done["pseudo_labels"]["leaks_held_out"] and ctx.is_main:
+            log.warning("fold %d: the pseudo-labels come from models that trained on its held-out images; "
+                        "its CV is optimistic", fold)
     if ctx.is_main:
         write_json_atomic(rd.done(fold), done)
         last_path.unlink(missing_ok=True)  # only needed to resume an unfinished fold
@@ -734,6 +751,27 @@ def count_test_images(data_dir: Path) -> int:
     return sum(1 for _ in d.glob("*.png")) if d.is_dir() else 0
 
 
+def _recorded_pseudo(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("pseudo_labels_sha1")
+    except (OSError, ValueError):
+        return None
+
+
+def _pseudo_labels(cfg: dict, data_dir: Path, run_dir: Path, load: bool) -> PseudoSet | None:
+    """The pseudo-labelled images of ``train.pseudo_labels`` (when ``load``: a fold is to be trained)."""
+    source = cfg["train"]["pseudo_labels"]
+    if source is None:
+        return None
+    from tgs_salt.data import load_test
+
+    source = Path(source).expanduser()
+    if source.resolve() == run_dir.resolve():
+        raise UserError(f"train.pseudo_labels = {str(source)!r} is the run directory being trained: its test "
+                        "predictions would be replaced by this run's; train into another --run-dir")
+    return load_pseudo(source, load_test(data_dir), cfg["train"]["pseudo_confidence"]) if load else None
+
+
 def train_command(args) -> int:
     from tgs_salt.data import load_train
     from tgs_salt.data.folds import folds_for
@@ -764,10 +802,13 @@ def train_command(args) -> int:
         fold_file = resolve_fold_file(cfg, data_dir, ctx.is_main)
         barrier(ctx)
         folds = folds_for(data.ids, fold_file)
-        if ctx.is_main:
-            prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force)
-        barrier(ctx)
         pending = [f for f in folds_to_train if args.force or not RunDir(run_dir).is_done(f)]
+        # pseudo-labels are read only when a fold is to be trained (the source may be gone since)
+        pseudo = _pseudo_labels(cfg, data_dir, run_dir, load=bool(pending))
+        if ctx.is_main:
+            prepare_run_dir(run_dir, cfg, fold_file, data_dir, args.force,
+                            pseudo.facts["test_probs_sha1"] if pseudo is not None else _recorded_pseudo(run_dir))
+        barrier(ctx)
 
         # precision (probed once per run on CPU) and the time plan, made by the main process
         precision, calibrate = None, None
@@ -782,7 +823,8 @@ def train_command(args) -> int:
             precision = Precision.from_dict(info["precision"])
             if budget_min is not None:
                 if ctx.is_main:
-                    per_epoch = len(tr) // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
+                    n_tr = len(tr) + (len(pseudo) if pseudo is not None else 0)
+                    per_epoch = n_tr // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
                     if cfg["train"]["max_train_batches"]:
                         per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
                     plan = setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
@@ -822,7 +864,8 @@ def train_command(args) -> int:
                 folds_after = len(pending) - pending.index(fold) - 1  # trained after this one, in this job
                 train_fold(train_cfg, fold, run_dir, data, folds, device=device, resume=args.resume,
                            workers=workers, ctx=ctx, precision=precision,
-                           calibrate=calibrate(run_dir, folds_after) if calibrate is not None else None)
+                           calibrate=calibrate(run_dir, folds_after) if calibrate is not None else None,
+                           pseudo=pseudo)
     finally:
         shutdown(ctx)
     if ctx.is_main:
