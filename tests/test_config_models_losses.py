@@ -72,9 +72,11 @@ def test_plain_baselines_shapes(arch):
 
 def test_smp_unet_with_scse_and_local_weights(tmp_path):
     with pytest.raises(UserError) as e:
-        C.load_config("cpu_budget", ["model.decoder_attention=scse"])   # its narrow decoder has 8 channels
+        C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.encoder_depth=5", "input.pad_to=128",
+                                     "model.decoder_channels=[128,64,32,16,8]"])   # a narrow decoder: 8 channels
     assert ">= 16" in str(e.value)
-    cfg = C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]"])["model"]
+    cfg = C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]",
+                                       "model.encoder_depth=5", "input.pad_to=128"])["model"]
     m = build_model(cfg, 3).eval()
     mask, salt = m(torch.zeros(1, 3, 128, 128))  # cpu_budget has the classifier head
     assert mask.shape == (1, 1, 128, 128) and salt.shape == (1, 1)
@@ -183,7 +185,8 @@ def test_shallower_encoder_on_a_smaller_input():
     cfg = C.load_config("cpu_budget", ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,8]",
                                        "input.pad_to=112"])
     m4 = build_model(cfg["model"], 3).eval()
-    m5 = build_model(C.load_config("cpu_budget")["model"], 3).eval()
+    m5 = build_model(C.load_config("cpu_budget", ["model.encoder_depth=5", "input.pad_to=128",
+                                                  "model.decoder_channels=[128,64,32,16,8]"])["model"], 3).eval()
     assert isinstance(m4.encoder.layer4, torch.nn.Identity) and not isinstance(m5.encoder.layer4, torch.nn.Identity)
     assert all(p.requires_grad for p in m4.parameters())
     # an encoder whose unused stages are not ResNet layers: those weights are frozen, the rest train
@@ -207,7 +210,8 @@ def test_shallower_encoder_on_a_smaller_input():
 
 
 def test_hypercolumn_decoder_fuses_every_block():
-    cfg = C.load_config("cpu_budget", ["model.hypercolumn=true"])["model"]
+    cfg = C.load_config("cpu_budget", ["model.hypercolumn=true", "model.encoder_depth=5", "input.pad_to=128",
+                                       "model.decoder_channels=[128,64,32,16,8]"])["model"]
     m = build_model(cfg, 3)
     assert isinstance(m.decoder, HypercolumnDecoder)
     assert m.decoder.fuse[0].in_channels == sum(cfg["decoder_channels"])

@@ -246,7 +246,8 @@ def test_plan_arithmetic():
 def test_apply_plan_scales_stages_and_keeps_lrs():
     from tgs_salt import config as C
 
-    cfg = C.load_config("cpu_budget")
+    cfg = C.load_config("cpu_budget", ["train.stages=[{loss: bce_dice, epochs: 36}, "
+                                       "{loss: lovasz_symmetric, epochs: 24, lr: 1.0e-3}]"])
     out = B.apply_plan(cfg, {"epochs": [9, 6], "warmup_epochs": 1.0})
     assert [s["epochs"] for s in out["train"]["stages"]] == [9, 6]
     assert [s.get("lr") for s in out["train"]["stages"]] == [s.get("lr") for s in cfg["train"]["stages"]]
