@@ -35,8 +35,9 @@ def run_facts(run: Path) -> dict:
 def table(rows: list[dict]) -> str:
     def g(x):
         return f"{x['gain']:+.4f} ({x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f})" if x else "reference"
-    lines = ["| variant | minutes | epochs | CV at 0.5 / nested | paired gain at 0.5 (95% CI) | "
-             "paired gain nested (95% CI) | kept |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| variant | minutes | epochs | CV at 0.5 / nested | paired gain at 0.5 (95% CI) | "
+              "paired gain nested (95% CI) | kept |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         vs = f" vs {r['against']}" if r.get("against") else ""
         lines.append(f"| {r['variant']} | {r['minutes']:.1f} | {r['epochs']} | {r['cv_default']:.4f} / "
