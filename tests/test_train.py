@@ -345,6 +345,8 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
     assert p["default_threshold"]["gain"] == pytest.approx(np.mean(worse["default"]) - np.mean(stored["default"]))
     with pytest.raises(UserError, match="different images"):
         paired(stored, {**stored, "ids": stored["ids"][::-1]})
+    with pytest.raises(UserError, match="different groups of images"):
+        paired(stored, {**stored, "nested_method": "tuned on the other half of the held-out images"})
     # a run over other folds cannot be paired
     other = tmp_path / "other"
     (other / "fold0").mkdir(parents=True)

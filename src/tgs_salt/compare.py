@@ -46,10 +46,13 @@ def per_image(run_dir: Path, data_dir: Path | None):
 
 def paired(a: dict, b: dict, n_boot: int = 10000) -> dict:
     """Paired gain of ``b`` over ``a``, each a dict of ``ids``, ``default`` and ``nested`` per-image
-    scores (as :func:`per_image` returns them, or as an ablation table stores them)."""
+    scores and ``nested_method`` (as :func:`run_scores` returns them, or as an ablation table stores them)."""
     if not np.array_equal(np.asarray(a["ids"]), np.asarray(b["ids"])):
         raise UserError(f"the two runs hold out different images ({len(a['ids'])} and {len(b['ids'])}); a paired "
                         "comparison needs the same folds (same folds file and folds.train_folds)")
+    if a.get("nested_method") != b.get("nested_method"):
+        raise UserError(f"the two runs were tuned on different groups of images ({a.get('nested_method')} / "
+                        f"{b.get('nested_method')}); a paired comparison needs the same folds")
     out = {"n_images": len(a["ids"]), "bootstrap_resamples": n_boot}
     for name, key in (("default_threshold", "default"), ("nested", "nested")):
         x, y = np.asarray(a[key], dtype=float), np.asarray(b[key], dtype=float)
@@ -74,9 +77,6 @@ def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int =
         r = paired(a, b, n_boot)
     except UserError as e:
         raise UserError(f"{base} and {other}: {e}") from None
-    if a["nested_method"] != b["nested_method"]:
-        raise UserError(f"{base} and {other} were tuned on different groups of images ({a['nested_method']} / "
-                        f"{b['nested_method']}); a paired comparison needs the same folds")
     return {"base": str(base), "other": str(other), "nested_method": a["nested_method"], **r}
 
 

@@ -16,7 +16,6 @@ Each fold records whether that is so (``pseudo_labels.leaks_held_out`` in done.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tgs_salt.errors import UserError
+from tgs_salt.io_utils import sha1_of
 from tgs_salt.postprocess import PostProcess, apply
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ class PseudoSet:
         """What done.json records for ``fold``: the source, and whether it saw the fold's held-out images."""
         leaks = any(sha != folds_sha1 or k != fold for sha, k in self.source_models)
         return {**self.facts, "leaks_held_out": leaks}
-
-
-def sha1_of(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def confidence(probs: np.ndarray, cls: np.ndarray | None = None) -> np.ndarray:

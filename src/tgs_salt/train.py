@@ -34,7 +34,14 @@ from tgs_salt.ema import EMA
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.inference import predict_arrays
-from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from tgs_salt.io_utils import (
+    atomic_path,
+    exclusive_lock,
+    remove_stale_temps,
+    sha1_of,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
 from tgs_salt.models import split_output
@@ -139,7 +146,7 @@ def prepare_run_dir(run_dir: Path, cfg: dict, fold_file: Path, data_dir: Path, f
         if saved != cfg:
             raise UserError(f"{cfg_path} holds a different config than the one given; use another --run-dir, "
                             "or --force to retrain with the new one")
-    folds_sha = hashlib.sha1(fold_file.read_bytes()).hexdigest()
+    folds_sha = sha1_of(fold_file)
     facts_path = run_dir / "run.json"
     if facts_path.exists() and not force:
         old = json.loads(facts_path.read_text())
