@@ -3,6 +3,10 @@ in one run on this machine: images/s, FLOP/s as a fraction of the machine's fp32
 fp32 matrix product, measured here), and what ``train.amp: auto`` / ``channels_last: auto`` pick.
 
     python bench/bench_train_throughput.py [--config cpu_budget] [--device cpu|cuda] [--batch 32]
+                                           [--set model.hypercolumn=true ...] [--tag NAME]
+
+``--set`` measures a variant of the config (what it costs per image against the shipped one);
+``--tag`` names the result file's variant (default: the results of the config itself).
 
 FLOPs per image come from ``torch.utils.flop_counter`` (forward + backward of one training step).
 A reduced-precision candidate far behind fp32 (emulated bf16 on an AVX2-only CPU) is timed on a
@@ -51,11 +55,15 @@ def main():
     p.add_argument("--config", default="cpu_budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default: the config's train.batch_size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--tag", default=None, help="suffix of the result file (for a --set variant)")
     a = p.parse_args()
+    if a.set and not a.tag:
+        p.error("--set needs --tag: the variant's results must not overwrite the config's")
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, a.set)
     batch = a.batch or cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
     geo = builder.geo
@@ -80,7 +88,7 @@ def main():
     choice = H.choose(cfg["train"], device, lambda d, c, n: n / rates[H.candidate_name(d, c)], batch, cap)
     best = max(rates.values())
     result = {
-        "config": a.config, "model": f"{cfg['model']['arch']} {cfg['model']['encoder']}",
+        "config": a.config, "overrides": a.set, "model": f"{cfg['model']['arch']} {cfg['model']['encoder']}",
         "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch,
         "input": f"{builder.n_channels}x{geo.pad_to}x{geo.pad_to}",
         "train_gflops_per_image": round(flops / 1e9, 3),
@@ -90,7 +98,8 @@ def main():
         "auto_choice": choice.name, "auto_vs_fastest": round(rates[choice.name] / best, 3),
     }
     kind = H.cpu_kind().split()[0].lower().replace("-", "") if device.type == "cpu" else "gpu"
-    save(f"train_throughput_{device.type}_{cfg['name']}_{kind}", result)
+    tag = f"_{a.tag}" if a.tag else ""
+    save(f"train_throughput_{device.type}_{cfg['name']}{tag}_{kind}", result)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import yaml
 from tgs_salt import config as C
 from tgs_salt.errors import UserError
 from tgs_salt.losses import LOSSES, bce, dice, get_loss, lovasz_hinge, lovasz_symmetric
-from tgs_salt.models import HypercolumnDecoder, build_model
+from tgs_salt.models import UnetSideDecoder, build_model, take_side_logits
 
 
 def write_cfg(tmp_path, body: dict):
@@ -213,15 +213,50 @@ def test_hypercolumn_decoder_fuses_every_block():
     cfg = C.load_config("cpu_budget", ["model.hypercolumn=true", "model.encoder_depth=5", "input.pad_to=128",
                                        "model.decoder_channels=[128,64,32,16,8]"])["model"]
     m = build_model(cfg, 3)
-    assert isinstance(m.decoder, HypercolumnDecoder)
-    assert m.decoder.fuse[0].in_channels == sum(cfg["decoder_channels"])
+    assert isinstance(m.decoder, UnetSideDecoder) and m.decoder.side is None
+    assert [p.in_channels for p in m.decoder.hyper] == [128, 64, 32, 16]
     seen = []
     hooks = [b.register_forward_hook(lambda mod, i, o: seen.append(o.shape[-1])) for b in m.decoder.decoder.blocks]
     mask, salt = m(torch.randn(2, 3, 128, 128))
     assert mask.shape == (2, 1, 128, 128) and seen == [8, 16, 32, 64, 128]
     (mask.mean() + salt.mean()).backward()
     assert all(p.grad is not None for p in m.parameters())  # every block reaches the loss directly
+    assert take_side_logits(m) is None  # no deep supervision asked for
     for h in hooks:
         h.remove()
     with pytest.raises(UserError, match="hypercolumn is for arch Unet"):
         C.load_config("cpu_budget", ["model.hypercolumn=true", "model.arch=FPN"])
+
+
+def test_hypercolumn_equals_concat_then_1x1():
+    """Projecting each block's output at its own resolution, then upsampling and adding, is the
+    textbook hypercolumn (upsample all, concatenate, 1x1 conv) with the last block's part the identity."""
+    torch.manual_seed(0)
+    low, last = torch.randn(2, 6, 7, 7), torch.randn(2, 4, 28, 28)
+    proj = torch.nn.Conv2d(6, 4, 1, bias=False)
+    cheap = last + torch.nn.functional.interpolate(proj(low), size=(28, 28), mode="bilinear", align_corners=False)
+    wide = torch.nn.Conv2d(10, 4, 1, bias=False)
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([proj.weight, torch.eye(4)[:, :, None, None]], 1))
+    up = torch.nn.functional.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
+    assert torch.allclose(cheap, wide(torch.cat([up, last], 1)), atol=1e-5)
+
+
+def test_deep_supervision_side_logits_in_training_only():
+    cfg = C.load_config("cpu_budget", ["model.deep_supervision=true"])["model"]
+    m = build_model(cfg, 3)
+    assert [h.in_channels for h in m.decoder.side] == cfg["decoder_channels"][:-1] and m.decoder.hyper is None
+    m.train()
+    mask, salt = m(torch.randn(2, 3, 112, 112))
+    side = take_side_logits(m)
+    assert [s.shape[-1] for s in side] == [14, 28, 56] and all(s.shape[:2] == (2, 1) for s in side)
+    assert take_side_logits(m) is None  # taken once
+    sum(s.mean() for s in side).backward()
+    assert all(h.weight.grad is not None for h in m.decoder.side)
+    assert all(p.requires_grad for p in m.decoder.parameters())  # not frozen by the encoder_depth probe
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 112, 112))
+    assert take_side_logits(m) is None  # nothing at inference
+    with pytest.raises(UserError, match="deep_supervision is for arch Unet"):
+        C.load_config("cpu_budget", ["model.deep_supervision=true", "model.arch=FPN"])

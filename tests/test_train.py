@@ -271,6 +271,25 @@ def test_classifier_head_trains_and_reaches_oof_and_cv(tmp_path, synth_dir, arch
     assert any(k.startswith(("cls.", "classification_head.")) for k in ck["model"])
 
 
+def test_deep_supervision_adds_the_side_losses(tmp_path, synth_dir):
+    """The same first step with and without the side outputs' loss: the logged loss grows by it, the
+    side heads are trained and kept, and inference (OOF) is unchanged in kind."""
+    model = {"arch": "Unet", "deep_supervision": True, "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 1, "stages": [{"loss": "bce_dice", "epochs": 1}]}
+    losses, heads = [], []
+    for w in (0.0, 1.0):
+        cfg, data, folds = _setup(tmp_path, synth_dir, model=model, train=dict(train, side_loss_weight=w))
+        run = tmp_path / f"r{w}"
+        train_fold(cfg, 0, run, data, folds, device=torch.device("cpu"))
+        losses.append(pd.read_csv(run / "fold0" / "log.csv")["train_loss"].iloc[0])
+        ck = torch.load(run / "fold0" / "best.pt", weights_only=True)["model"]
+        heads.append(ck["decoder.side.0.weight"])
+        with np.load(run / "fold0" / "oof.npz") as z:
+            assert z["probs"].shape[1:] == (101, 101)
+    assert losses[1] > losses[0] + 0.1  # four side outputs, each with a BCE+Dice of about 1 at the start
+    assert not torch.allclose(heads[0], heads[1])
+
+
 def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):
     """The time plan's callback is asked after every epoch; a shorter plan takes effect at once."""
     train = {"batch_size": 8, "max_train_batches": 2, "select": "last",

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "norm": "batch",                # batch | group (plain baselines only)
         "cls_head": False,              # empty / non-empty classifier on the deepest features; empties masks
         "hypercolumn": False,           # Unet: every decoder block's output, upsampled and fused, feeds the head
+        "deep_supervision": False,      # Unet: mask logits from every earlier decoder block join the training loss
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
+        "side_loss_weight": 0.1,        # weight of each deep-supervision side output's loss (model.deep_supervision)
         "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
         "select": "best",               # weights kept per fold: best (validation metric) | last epoch
         "ema": None,                    # per-step decay of a moving average of the weights (e.g. 0.99): validated and kept
@@ -110,6 +112,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "base_channels"): (int, 1, 1024, False),
     ("model", "cls_head"): (bool, None, None, False),
     ("model", "hypercolumn"): (bool, None, None, False),
+    ("model", "deep_supervision"): (bool, None, None, False),
     ("input", "resize"): (int, 101, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),
@@ -136,6 +139,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
+    ("train", "side_loss_weight"): (float, 0, 100, False),
     ("train", "tensorboard"): (bool, None, None, False),
     ("train", "ema"): (float, "(0", 0.999999, True),
     ("train", "pseudo_confidence"): (float, 0, 1, False),

@@ -73,8 +73,9 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
-    if m.get("hypercolumn") and m["arch"] != "Unet":
-        raise UserError(f"config {where}: model.hypercolumn is for arch Unet (got {m['arch']})")
+    for key in ("hypercolumn", "deep_supervision"):
+        if m.get(key) and m["arch"] != "Unet":
+            raise UserError(f"config {where}: model.{key} is for arch Unet (got {m['arch']})")
     if m["cls_head"] and m["arch"] == "fcn":
         raise UserError(f"config {where}: model.cls_head is not available for fcn; use a U-Net")
     w = m["encoder_weights"]
@@ -146,16 +147,27 @@ class PlainFCN(nn.Module):
 
 # ----------------------------------------------------------------------------- smp
 
-class HypercolumnDecoder(nn.Module):
-    """An smp U-Net decoder whose output is a hypercolumn: every decoder block's output, upsampled
-    to the input size and concatenated, fused by a 1x1 convolution back to the last block's width
-    (so the segmentation head is unchanged). Reuses the wrapped decoder's center and blocks."""
+class UnetSideDecoder(nn.Module):
+    """An smp U-Net decoder with side outputs from every block (reuses its center and blocks).
 
-    def __init__(self, decoder: nn.Module, channels: list[int]):
+    ``hypercolumn``: every block's output feeds the head: each earlier block's output is mapped
+    by a 1x1 convolution to the last block's width at its own resolution, upsampled (bilinear) and
+    added to the last block's output, then BatchNorm + ReLU. Since a 1x1 convolution commutes
+    with bilinear upsampling, this is the concat-then-1x1 hypercolumn at a fraction of the cost
+    (nothing wide is ever built at full resolution).
+
+    ``deep_supervision``: in training, each earlier block also gives mask logits at its own
+    resolution (a 1x1 convolution), left in ``side_logits`` for the training loss (the winners'
+    deep supervision); ``take_side_logits`` collects them. Nothing is added at inference."""
+
+    def __init__(self, decoder: nn.Module, channels: list[int], hypercolumn: bool, deep_supervision: bool):
         super().__init__()
         self.decoder = decoder
-        self.fuse = nn.Sequential(nn.Conv2d(sum(channels), channels[-1], 1, bias=False),
-                                  nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True))
+        early = channels[:-1]
+        self.hyper = nn.ModuleList(nn.Conv2d(c, channels[-1], 1, bias=False) for c in early) if hypercolumn else None
+        self.fuse = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True)) if hypercolumn else None
+        self.side = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in early) if deep_supervision else None
+        self.side_logits: list[torch.Tensor] | None = None
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         shapes = [f.shape[2:] for f in features][::-1]
@@ -166,11 +178,24 @@ class HypercolumnDecoder(nn.Module):
         for i, block in enumerate(self.decoder.blocks):
             x = block(x, *shapes[i + 1], skip_connection=skips[i] if i < len(skips) else None)
             outs.append(x)
-        size = outs[-1].shape[2:]
-        up = [o if o.shape[2:] == size else nn.functional.interpolate(o, size=size, mode="bilinear",
-                                                                      align_corners=False) for o in outs]
-        return self.fuse(torch.cat(up, dim=1))
+        last = outs[-1]
+        if self.side is not None and self.training:
+            self.side_logits = [head(o) for head, o in zip(self.side, outs[:-1])]
+        if self.hyper is None:
+            return last
+        size = last.shape[2:]
+        for proj, o in zip(self.hyper, outs[:-1]):
+            last = last + nn.functional.interpolate(proj(o), size=size, mode="bilinear", align_corners=False)
+        return self.fuse(last)
 
+
+def take_side_logits(model: nn.Module) -> list[torch.Tensor] | None:
+    """The deep-supervision logits of the last training forward pass (then forgotten), or None."""
+    dec = getattr(model, "decoder", None)
+    if not isinstance(dec, UnetSideDecoder) or dec.side_logits is None:
+        return None
+    out, dec.side_logits = dec.side_logits, None
+    return out
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -236,16 +261,17 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         _load_local_weights(model, Path(str(weights)).expanduser())
         if in_channels != 3:
             model.encoder.set_in_channels(in_channels, pretrained=True)
-    if m.get("hypercolumn"):
-        model.decoder = HypercolumnDecoder(model.decoder, list(m["decoder_channels"]))
+    if m.get("hypercolumn") or m.get("deep_supervision"):
+        model.decoder = UnetSideDecoder(model.decoder, list(m["decoder_channels"]), bool(m.get("hypercolumn")),
+                                        bool(m.get("deep_supervision")))
     _drop_unused_stages(model, kwargs["encoder_depth"], in_channels)
     return model
 
 
 def _drop_unused_stages(model: nn.Module, depth: int, in_channels: int) -> None:
     """smp builds an encoder's deepest stages even when ``encoder_depth`` skips them. ResNet
-    stages (layer3, layer4) are replaced by parameterless identities; any other weights that get
-    no gradient (found by one backward pass on a small input) are frozen. Either way no
+    stages (layer3, layer4) are replaced by parameterless identities; any other encoder weights that
+    get no gradient (found by one backward pass on a small input) are frozen. Either way no
     optimizer, EMA step or DDP gradient reduction waits on weights that never get a gradient
     (DDP would fail on them)."""
     if depth >= 5:
@@ -259,7 +285,7 @@ def _drop_unused_stages(model: nn.Module, depth: int, in_channels: int) -> None:
     x = torch.zeros(1, in_channels, 2 ** depth * 2, 2 ** depth * 2)
     out = model(x)
     sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out])).backward()
-    unused = [p for p in model.parameters() if p.grad is None]
+    unused = [p for p in model.encoder.parameters() if p.grad is None]
     for p in unused:
         p.requires_grad_(False)
     model.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ from tgs_salt.io_utils import (
 )
 from tgs_salt.losses import get_loss
 from tgs_salt.metric import per_image_scores
-from tgs_salt.models import split_output
+from tgs_salt.models import split_output, take_side_logits
 from tgs_salt.postprocess import apply, untuned
 from tgs_salt.pseudo import PseudoSet, load_pseudo
 from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
@@ -295,6 +295,11 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
         with precision.autocast(device):
             out, label = split_output(fwd_model(x))
         loss = loss_fn(geo.crop(out).float(), y)
+        side = take_side_logits(model)
+        if side:  # deep supervision: each earlier decoder block's logits, upsampled, against the same mask
+            loss = loss + t["side_loss_weight"] * sum(
+                loss_fn(geo.crop(torch.nn.functional.interpolate(s.float(), size=out.shape[2:], mode="bilinear",
+                                                                 align_corners=False)), y) for s in side)
         if label is not None:  # empty / non-empty classifier, trained jointly
             has_salt = y.flatten(1).amax(1, keepdim=True)
             loss = loss + t["cls_loss_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(

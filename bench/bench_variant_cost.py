@@ -1,0 +1,114 @@
+"""What a variant of a config costs per training image against the config itself, measured in one
+run on this machine: the variants' training steps are timed in alternating rounds (so a busy
+neighbour slows them alike) and reported as images/s and as a ratio to the config's own.
+
+    python bench/bench_variant_cost.py --config cpu_budget \
+        --variant ds model.deep_supervision=true --variant hc model.hypercolumn=true [--rounds 4]
+
+A step is the real one: forward, the stage's loss on the mask, the side outputs' and the
+classifier's losses when the variant has them, backward and an AdamW step, in the precision and
+memory layout the probe picks for the config on this machine (or --precision). Use the ratio to
+give a variant the epochs that fit in the config's time when it is compared at a fixed number of
+epochs (bench/README.md, "Ablation at a fixed epoch count").
+"""
+
+import argparse
+import copy
+import time
+
+import torch
+from common import save
+
+from tgs_salt import hardware as H
+from tgs_salt.config import load_config
+from tgs_salt.losses import get_loss
+from tgs_salt.models import build_model, split_output, take_side_logits
+from tgs_salt.transforms import InputBuilder
+
+F = torch.nn.functional
+
+
+def make_step(cfg: dict, precision: H.Precision, batch: int, device):
+    torch.manual_seed(0)
+    builder = InputBuilder.from_config(cfg)
+    geo = builder.geo
+    model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
+    model = model.to(device=device, memory_format=precision.memory_format).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to, device=device)
+    x = x.contiguous(memory_format=precision.memory_format)
+    y = (torch.rand(batch, 1, geo.resize, geo.resize, device=device) > 0.5).float()
+    loss_fn = get_loss(cfg["train"]["stages"][0]["loss"])
+    t = cfg["train"]
+
+    def step():
+        with precision.autocast(device):
+            out, label = split_output(model(x))
+        loss = loss_fn(geo.crop(out).float(), y)
+        for s in take_side_logits(model) or []:
+            up = F.interpolate(s.float(), size=out.shape[2:], mode="bilinear", align_corners=False)
+            loss = loss + t["side_loss_weight"] * loss_fn(geo.crop(up), y)
+        if label is not None:
+            loss = loss + t["cls_loss_weight"] * F.binary_cross_entropy_with_logits(label.float(), y.flatten(1).amax(1, keepdim=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="cpu_budget")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="a name and the --set overrides that make the variant (repeatable)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--precision", default=None, help="e.g. bf16+NCHW (default: the probe's choice for the config)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    if not a.variant:
+        p.error("give at least one --variant NAME KEY=VALUE ...")
+    device = torch.device(a.device)
+    base = load_config(a.config)
+    batch = base["train"]["batch_size"]
+    if a.precision:
+        dtype, _, layout = a.precision.partition("+")
+        precision = H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
+    else:
+        builder = InputBuilder.from_config(base)
+        g = builder.geo
+        model = build_model(dict(base["model"], encoder_weights=None), builder.n_channels)
+        x = torch.randn(batch, builder.n_channels, g.pad_to, g.pad_to, device=device)
+        y = (torch.rand(batch, 1, g.resize, g.resize, device=device) > 0.5).float()
+        timer = H.make_step_timer(model.to(device), x, y, get_loss(base["train"]["stages"][0]["loss"]), g.crop, device)
+        precision = H.choose(base["train"], device, timer, batch, None)
+    cfgs = {a.config: base}
+    for name, *sets in a.variant:
+        cfgs[name] = load_config(a.config, sets)
+    steps = {name: make_step(cfg, precision, batch, device) for name, cfg in cfgs.items()}
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(a.rounds):
+        for name, step in (steps.items() if r % 2 == 0 else reversed(list(steps.items()))):
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            H._sync(device)
+            rates[name].append(a.steps * batch / (time.perf_counter() - t0))
+    med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    ref = med[a.config]
+    result = {
+        "config": a.config, "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch,
+        "precision": precision.name, "rounds": a.rounds,
+        "variants": {name: {"overrides": copy.deepcopy(sets), "images_per_s": round(med[name], 2),
+                            "per_round": [round(v, 2) for v in rates[name]],
+                            "cost_vs_config": round(ref / med[name], 3)}
+                     for name, sets in [(a.config, [])] + [(v[0], v[1:]) for v in a.variant]},
+    }
+    kind = H.cpu_kind().split()[0].lower().replace("-", "") if device.type == "cpu" else "gpu"
+    save(f"variant_cost_{device.type}_{base['name']}_{kind}", result)
+
+
+if __name__ == "__main__":
+    main()
