@@ -40,6 +40,7 @@ def make_step(cfg: dict, precision: H.Precision, batch: int, device):
     y = (torch.rand(batch, 1, geo.resize, geo.resize, device=device) > 0.5).float()
     loss_fn = get_loss(cfg["train"]["stages"][0]["loss"])
     t = cfg["train"]
+    side_fn = get_loss(t["side_loss"])
 
     def step():
         with precision.autocast(device):
@@ -47,7 +48,7 @@ def make_step(cfg: dict, precision: H.Precision, batch: int, device):
         loss = loss_fn(geo.crop(out).float(), y)
         for s in take_side_logits(model) or []:
             up = F.interpolate(s.float(), size=out.shape[2:], mode="bilinear", align_corners=False)
-            loss = loss + t["side_loss_weight"] * loss_fn(geo.crop(up), y)
+            loss = loss + t["side_loss_weight"] * side_fn(geo.crop(up), y)
         if label is not None:
             loss = loss + t["cls_loss_weight"] * F.binary_cross_entropy_with_logits(label.float(), y.flatten(1).amax(1, keepdim=True))
         opt.zero_grad(set_to_none=True)

@@ -74,7 +74,8 @@ DEFAULTS: dict[str, Any] = {
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
-        "side_loss_weight": 0.1,        # weight of each deep-supervision side output's loss (model.deep_supervision)
+        "side_loss": "bce",             # loss of each deep-supervision side output (model.deep_supervision)
+        "side_loss_weight": 0.1,        # its weight, per side output
         "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
         "select": "best",               # weights kept per fold: best (validation metric) | last epoch
         "ema": None,                    # per-step decay of a moving average of the weights (e.g. 0.99): validated and kept
@@ -287,6 +288,10 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
            f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "
            "predictions (test_probs.npz)", where)
+    try:
+        parse_loss(t["side_loss"])
+    except ValueError as e:
+        _check(False, f"train.side_loss: {e}", where)
     for i, st in enumerate(t["stages"]):
         _check(isinstance(st, dict), f"train.stages[{i}] must be a mapping", where)
         unknown = set(st) - STAGE_KEYS

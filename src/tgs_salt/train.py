@@ -297,8 +297,9 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
         loss = loss_fn(geo.crop(out).float(), y)
         side = take_side_logits(model)
         if side:  # deep supervision: each earlier decoder block's logits, upsampled, against the same mask
+            side_fn = get_loss(t["side_loss"])
             loss = loss + t["side_loss_weight"] * sum(
-                loss_fn(geo.crop(torch.nn.functional.interpolate(s.float(), size=out.shape[2:], mode="bilinear",
+                side_fn(geo.crop(torch.nn.functional.interpolate(s.float(), size=out.shape[2:], mode="bilinear",
                                                                  align_corners=False)), y) for s in side)
         if label is not None:  # empty / non-empty classifier, trained jointly
             has_salt = y.flatten(1).amax(1, keepdim=True)
