@@ -28,8 +28,10 @@ from tgs_salt.transforms import InputBuilder
 F = torch.nn.functional
 
 
-def make_step(cfg: dict, precision: H.Precision, batch: int, device):
+def make_step(cfg: dict, precision: H.Precision, device):
+    """One training step of the config's model on a random batch of its batch size."""
     torch.manual_seed(0)
+    batch = cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
     geo = builder.geo
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
@@ -88,7 +90,7 @@ def main():
     cfgs = {a.config: base}
     for name, *sets in a.variant:
         cfgs[name] = load_config(a.config, sets)
-    steps = {name: make_step(cfg, precision, batch, device) for name, cfg in cfgs.items()}
+    steps = {name: make_step(cfg, precision, device) for name, cfg in cfgs.items()}
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(a.rounds):
         for name, step in (steps.items() if r % 2 == 0 else reversed(list(steps.items()))):
@@ -96,13 +98,14 @@ def main():
             for _ in range(a.steps):
                 step()
             H._sync(device)
-            rates[name].append(a.steps * batch / (time.perf_counter() - t0))
+            rates[name].append(a.steps * cfgs[name]["train"]["batch_size"] / (time.perf_counter() - t0))
     med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
     ref = med[a.config]
     result = {
-        "config": a.config, "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch,
+        "config": a.config, "device": str(device), "cpu_kind": H.cpu_kind(),
         "precision": precision.name, "rounds": a.rounds,
-        "variants": {name: {"overrides": copy.deepcopy(sets), "images_per_s": round(med[name], 2),
+        "variants": {name: {"overrides": copy.deepcopy(sets), "batch": cfgs[name]["train"]["batch_size"],
+                            "images_per_s": round(med[name], 2),
                             "per_round": [round(v, 2) for v in rates[name]],
                             "cost_vs_config": round(ref / med[name], 3)}
                      for name, sets in [(a.config, [])] + [(v[0], v[1:]) for v in a.variant]},

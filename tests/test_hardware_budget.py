@@ -138,6 +138,24 @@ def test_probe_drops_emulated_bf16_after_a_few_images():
     assert set(p.rates) == set(rates)
 
 
+@pytest.mark.parametrize("busy_calls", [{3}, {3, 4}])
+def test_probe_does_not_drop_a_candidate_on_a_busy_moment(busy_calls):
+    """Native bf16 first timed on 2 images while a neighbour holds the cores (10x slower): alone
+    ({3}: the confirmation timing sees the real gap) or together with the reference's small step
+    ({3, 4}: compared like with like). Either way bf16 is measured on the full batch and wins."""
+    rates = {"fp32+NCHW": 36.0, "fp32+channels_last": 43.0, "bf16+NCHW": 65.0, "bf16+channels_last": 60.0}
+    calls = []
+
+    def time_step(dtype, cl, n):
+        calls.append((H.candidate_name(dtype, cl), n))
+        slow = 10.0 if len(calls) in busy_calls else 1.0
+        return slow * n / rates[H.candidate_name(dtype, cl)]
+
+    p = H.choose(AUTO, CPU, time_step, batch=32)
+    assert calls[2] == ("bf16+NCHW", 2)  # after fp32 twice on the batch: the busy call is bf16's small step
+    assert p.name == "bf16+NCHW" and ("bf16+NCHW", 32) in calls
+
+
 def test_probe_keeps_native_bf16():
     rates = {"fp32+NCHW": 9.5, "fp32+channels_last": 11.0, "bf16+NCHW": 20.0, "bf16+channels_last": 29.7}
     calls = []

@@ -232,16 +232,25 @@ def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: in
               small: int = 2, slow_factor: float = 2.0) -> dict[str, float]:
     """Training images/s of each candidate. ``time_step(dtype, channels_last, n)`` returns the
     seconds of one timed step on ``n`` images (after its own warm-up). A reduced-precision
-    candidate is first timed on ``small`` images and dropped when it is ``slow_factor`` behind
-    the best rate so far (an emulated bf16 step on a full batch can take half a minute)."""
+    candidate is first timed on ``small`` images, like the fastest candidate so far, and dropped
+    when it is ``slow_factor`` behind it (an emulated bf16 step on a full batch can take half a
+    minute). A busy moment must not decide the whole run: before a candidate is dropped, both
+    small steps are timed again, and the drop stands only if the gap does."""
     rates: dict[str, float] = {}
+    by_name = {candidate_name(*c): c for c in cands}
     for dtype, cl in sorted(cands, key=lambda c: c[0] is not None):  # fp32 first: the reference
         name = candidate_name(dtype, cl)
         if dtype is not None and rates:
+            best = by_name[max(rates, key=rates.get)]
             quick = small / time_step(dtype, cl, small)
-            if quick * slow_factor < max(rates.values()):
+            ref = small / time_step(*best, small)
+            if quick * slow_factor < ref:  # confirm: the faster of two timings of each
+                quick = max(quick, small / time_step(dtype, cl, small))
+                ref = max(ref, small / time_step(*best, small))
+            if quick * slow_factor < ref:
                 rates[name] = round(quick, 2)
-                log.info("precision probe: %s %.1f img/s on %d images: far behind, dropped", name, quick, small)
+                log.info("precision probe: %s %.1f img/s on %d images against %.1f for %s: far behind, dropped",
+                         name, quick, small, ref, candidate_name(*best))
                 continue
         rates[name] = round(batch / time_step(dtype, cl, batch), 2)
         log.info("precision probe: %s %.1f img/s", name, rates[name])
