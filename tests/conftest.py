@@ -39,8 +39,11 @@ def interrupt_when(cmd: list, ready: Path, env: dict | None = None, sig=None, ti
     full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     err = tempfile.TemporaryFile()
+    # SIGINT back to its default in the child: a shell's background job (`nohup ./run_tests.sh &`)
+    # ignores SIGINT, Python then installs no KeyboardInterrupt handler, and Ctrl-C could not be tested
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=err, env=full_env, cwd=REPO,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t_end = time.time() + timeout
     while not Path(ready).exists():
         if proc.poll() is not None:

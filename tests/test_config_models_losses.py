@@ -247,7 +247,7 @@ def test_deep_supervision_side_logits_in_training_only():
     m = build_model(cfg, 3)
     assert [h.in_channels for h in m.decoder.side] == cfg["decoder_channels"][:-1] and m.decoder.hyper is None
     m.train()
-    mask, salt = m(torch.randn(2, 3, 112, 112))
+    m(torch.randn(2, 3, 112, 112))
     side = take_side_logits(m)
     assert [s.shape[-1] for s in side] == [14, 28, 56] and all(s.shape[:2] == (2, 1) for s in side)
     assert take_side_logits(m) is None  # taken once
