@@ -23,9 +23,8 @@ from tgs_salt import hardware as H
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
 from tgs_salt.models import build_model, split_output, take_side_logits
+from tgs_salt.train import batch_loss
 from tgs_salt.transforms import InputBuilder
-
-F = torch.nn.functional
 
 
 def make_step(cfg: dict, precision: H.Precision, device):
@@ -47,12 +46,7 @@ def make_step(cfg: dict, precision: H.Precision, device):
     def step():
         with precision.autocast(device):
             out, label = split_output(model(x))
-        loss = loss_fn(geo.crop(out).float(), y)
-        for s in take_side_logits(model) or []:
-            up = F.interpolate(s.float(), size=out.shape[2:], mode="bilinear", align_corners=False)
-            loss = loss + t["side_loss_weight"] * side_fn(geo.crop(up), y)
-        if label is not None:
-            loss = loss + t["cls_loss_weight"] * F.binary_cross_entropy_with_logits(label.float(), y.flatten(1).amax(1, keepdim=True))
+        loss = batch_loss(out, label, take_side_logits(model), y, geo, loss_fn, side_fn, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -270,6 +270,21 @@ def next_epoch(epoch: int, starts: list[int], since_best: int, early_stopping: i
     return nxt, nxt < n_epochs and nxt >= starts[stage + 1]
 
 
+def batch_loss(out, label, side, y, geo, loss_fn, side_fn, t: dict) -> torch.Tensor:
+    """The training loss of one batch: the stage's loss on the (cropped) mask logits, plus each
+    deep-supervision side output's (upsampled to the output's size, then cropped) and the empty /
+    non-empty classifier's BCE, with their weights from the train config."""
+    F = torch.nn.functional
+    loss = loss_fn(geo.crop(out).float(), y)
+    for s in side or []:  # each earlier decoder block's logits against the same mask
+        up = F.interpolate(s.float(), size=out.shape[2:], mode="bilinear", align_corners=False)
+        loss = loss + t["side_loss_weight"] * side_fn(geo.crop(up), y)
+    if label is not None:  # empty / non-empty classifier, trained jointly
+        has_salt = y.flatten(1).amax(1, keepdim=True)
+        loss = loss + t["cls_loss_weight"] * F.binary_cross_entropy_with_logits(label.float(), has_salt)
+    return loss
+
+
 def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState, builder: InputBuilder, loss_fn,
                     t: dict, device, precision: Precision, desc: str, progress: ProgressLog, show_bar: bool,
                     on_bad_loss) -> tuple[float, int, float]:
@@ -278,6 +293,7 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
 
     model.train()
     mf, geo = precision.memory_format, builder.geo
+    side_fn = get_loss(t["side_loss"])
     loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step on CUDA
     check_every = 1 if device.type == "cpu" else 50  # on CPU a sync costs nothing
     seen, lr = 0, 0.0
@@ -294,17 +310,7 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
         y = builder.target(mask)
         with precision.autocast(device):
             out, label = split_output(fwd_model(x))
-        loss = loss_fn(geo.crop(out).float(), y)
-        side = take_side_logits(model)
-        if side:  # deep supervision: each earlier decoder block's logits, upsampled, against the same mask
-            side_fn = get_loss(t["side_loss"])
-            loss = loss + t["side_loss_weight"] * sum(
-                side_fn(geo.crop(torch.nn.functional.interpolate(s.float(), size=out.shape[2:], mode="bilinear",
-                                                                 align_corners=False)), y) for s in side)
-        if label is not None:  # empty / non-empty classifier, trained jointly
-            has_salt = y.flatten(1).amax(1, keepdim=True)
-            loss = loss + t["cls_loss_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
-                label.float(), has_salt)
+        loss = batch_loss(out, label, take_side_logits(model), y, geo, loss_fn, side_fn, t)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         if t["grad_clip"]:
