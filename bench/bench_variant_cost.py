@@ -28,10 +28,13 @@ from tgs_salt.transforms import InputBuilder
 
 
 def make_step(cfg: dict, precision: H.Precision, device):
-    """One training step of the config's model on a random batch of its batch size."""
+    """One training step of the config's model on a random batch of its batch size (at
+    ``train.low_res_size`` when the config sets it: the step of progressive resizing's first phase)."""
     torch.manual_seed(0)
     batch = cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
+    if cfg["train"]["low_res_size"]:
+        builder = builder.at_size(cfg["train"]["low_res_size"])
     geo = builder.geo
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
     model = model.to(device=device, memory_format=precision.memory_format).train()

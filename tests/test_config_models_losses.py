@@ -44,6 +44,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"model": {"encoder_depth": 4}, "input": {"pad_to": 112}}, "needs one per encoder stage: model.encoder_depth = 4"),
     ({"model": {"encoder_depth": 6}}, "model.encoder_depth = 6; 3, 4 or 5"),
     ({"augment": {"hflip": 2}}, "augment.hflip = 2; a number >= 0 and <= 1"),
+    ({"train": {"low_res_size": 48}}, "train.low_res_size = 48; null or a multiple of 32 below input.pad_to (128)"),
+    ({"train": {"low_res_size": 128}}, "below input.pad_to"),
+    ({"train": {"low_res_fraction": 1.5}}, "train.low_res_fraction"),
 ])
 def test_bad_values_name_the_choices(tmp_path, body, needle):
     with pytest.raises(UserError) as e:

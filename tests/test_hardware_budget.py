@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -261,6 +262,59 @@ def test_plan_arithmetic():
     assert "too small" in str(e.value) and "min" in str(e.value)
 
 
+def test_plan_with_progressive_resizing_counts_cheaper_epochs():
+    """Half the epochs at a low resolution that trains 2.4x faster: each costs less, more fit."""
+    full = B.Costs(train_rate=12.0, eval_rate=40.0, n_train=2400, n_val=600, n_test=1000, n_folds=1,
+                   n_models=1, tta=True)
+    costs = B.Costs(**{**B.to_dict(full), "low_res_rate": 28.8, "low_res_share": 0.5})
+    # low-res epoch: 2400/28.8 + 600/40 + 1 = 99.33 s against 216 s; mean epoch 157.67 s
+    low = costs.low_res
+    assert low["share"] == 0.5 and low["relative_cost"] == pytest.approx(99.333 / 216, abs=1e-4)
+    plan = B.plan_epochs(3600, 60, costs, [1])
+    assert plan["low_res"] == low and plan["epoch_s"] == pytest.approx(216.0)
+    # (3600 * 0.985 - 60 - 98) / 157.67 = 21.49 -> 21 epochs, against 16 without
+    assert plan["epochs"] == [21] and B.plan_epochs(3600, 60, full, [1])["epochs"] == [16]
+    weights = [B.epoch_weight(low, e, 21) for e in range(21)]
+    assert weights == [low["relative_cost"]] * 10 + [1.0] * 11  # round(10.5) = 10
+    assert B.Costs(**{**B.to_dict(full), "low_res_share": 0.5}).low_res is None  # no rate measured: no change
+
+
+def test_calibration_and_replan_in_full_resolution_epochs():
+    """The first epoch of a progressive-resizing plan is a cheap one: calibration counts it as such;
+    re-plans see the host's speed, not the switch to the full resolution."""
+    low = {"share": 0.5, "relative_cost": 0.5}
+    plan = {"epochs": [20], "config_epochs": [1], "budget_minutes": 60, "job_start": 0.0, "fixed_s": 60.0,
+            "epoch_s": 100.0, "total_s": 3500.0, "low_res": low, "costs": {"n_folds": 1}}
+    # the first (low-res) epoch took 50 s: a full epoch is 100 s, as planned
+    left = 3600 * 0.985 - 50 - 60
+    new = B.calibrate(plan, first_epoch_s=50.0, now=50.0)
+    # 34.36 full epochs left: 47 epochs (24 low-res) leave 23 x 0.5 + 23 = 34.5 (46 would leave 34.0)
+    assert left / 100 == pytest.approx(34.36) and new["epoch_s"] == pytest.approx(100.0)
+    assert sum(new["epochs"]) == 47 and B.units_left(low, 47, done=1) == 34.5 and B.units_left(low, 46, done=1) == 34
+    # on time after epoch 10 of 20 (10 low-res epochs ran, 10 full ones left): no re-plan at 100 s
+    target = 3600 * 0.985 - 60
+    assert B.replan(plan, 10, 100.0, target - 10 * 100) is None
+    # the host slowed down: full epochs take 130 s; only full ones are left, so the fold shortens
+    slow = B.replan(plan, 10, 130.0, target - 10 * 100)
+    assert sum(slow["epochs"]) - 10 == round(1000 / 130)
+
+
+def test_calibrator_counts_low_res_epochs_at_their_cost(tmp_path):
+    import time
+
+    from tgs_salt.train import _calibrator
+
+    start = time.time() - 5 * 50.0
+    plan = {"epochs": [20], "config_epochs": [1], "budget_minutes": 60, "job_start": start,
+            "fixed_s": 3600 * 0.985 - 5 * 50.0 - (5 * 50.0 + 10 * 100.0), "epoch_s": 100.0, "total_s": 3600.0,
+            "calibrated": True, "low_res": {"share": 0.5, "relative_cost": 0.5}}
+    B.write_plan(tmp_path, plan)
+    cal = _calibrator(tmp_path, folds_after=0)
+    # 5 low-res epochs at 50 s each: on time, no change (they would look twice as fast as planned if
+    # counted as full epochs)
+    assert cal(5, 50.0) is None and B.read_plan(tmp_path)["epochs"] == [20]
+
+
 def test_apply_plan_scales_stages_and_keeps_lrs():
     from tgs_salt import config as C
 
@@ -341,6 +395,26 @@ def test_calibrator_replans_from_recent_epochs_and_writes_the_plan(tmp_path):
     stored = B.read_plan(tmp_path)
     assert new == stored["epochs"] and sum(new) - 5 in (28, 29, 30)
     assert stored["replans"][0]["after_epoch"] == 5 and stored["replans"][0]["from"] == [16, 11]
+
+
+def test_budgeted_run_with_progressive_resizing_measures_the_low_res_step(tmp_path, synth_dir):
+    """The probe times a training step at train.low_res_size too; the plan counts those epochs at
+    their measured cost, and the fold trains its first epochs at that size."""
+    cfg = tiny_config(tmp_path, train={"max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.5,
+                                       "stages": [{"loss": "bce_dice", "epochs": 4}]},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    run = tmp_path / "run"
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
+                "--device", "cpu", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    prec = json.loads((run / "precision.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] > 0
+    assert plan["low_res"]["share"] == 0.5 and 0 < plan["low_res"]["relative_cost"] < 1
+    assert "at low resolution" in r.stderr
+    px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
+    n_low = px.count(64)  # about half (re-plans may move the switch, never back to 64 px after it)
+    assert n_low >= 1 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low
 
 
 def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):

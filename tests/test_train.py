@@ -290,6 +290,46 @@ def test_deep_supervision_adds_the_side_losses(tmp_path, synth_dir):
     assert not torch.allclose(heads[0], heads[1])
 
 
+def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth_dir, monkeypatch):
+    """train.low_res_size: the first round(fraction x epochs) epochs feed the network images (and
+    score masks) scaled to that size; later epochs, validation and OOF use the full input."""
+    from tgs_salt import models
+
+    seen = []  # (training?, input height) of every forward pass
+    build = models.build_model
+
+    def spying_build(*a, **k):
+        m = build(*a, **k)
+        m.register_forward_pre_hook(lambda mod, args: seen.append((mod.training, args[0].shape[-1])))
+        return m
+
+    monkeypatch.setattr(models, "build_model", spying_build)
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
+             "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    assert C.low_res_epochs(cfg) == 2
+    train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    train_sizes = [s for training, s in seen if training]
+    assert train_sizes == [64] * 4 + [112] * 6  # 2 batches per epoch
+    assert {s for training, s in seen if not training} == {112}
+    log = pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")
+    assert log["input_px"].tolist() == [64, 64, 112, 112, 112]
+    with np.load(tmp_path / "r" / "fold0" / "oof.npz") as z:
+        assert z["probs"].shape[1:] == (101, 101)
+
+
+def test_low_res_builder_keeps_the_padding_share():
+    from tgs_salt.transforms import Geometry, InputBuilder
+
+    b = InputBuilder(["image", "depth", "row"], Geometry(101, 112, "reflect")).at_size(64)
+    assert (b.geo.resize, b.geo.pad_to) == (58, 64)
+    x = b(torch.randint(0, 255, (2, 101, 101), dtype=torch.uint8), torch.tensor([100.0, 900.0]))
+    assert x.shape == (2, 3, 64, 64)
+    y = b.target(torch.ones(2, 101, 101, dtype=torch.bool))
+    assert y.shape == (2, 1, 58, 58) and bool(y.all())
+
+
 def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):
     """The time plan's callback is asked after every epoch; a shorter plan takes effect at once."""
     train = {"batch_size": 8, "max_train_batches": 2, "select": "last",

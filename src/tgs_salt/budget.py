@@ -45,11 +45,25 @@ class Costs:
     n_models: int           # folds in the final ensemble (prediction)
     tta: bool
     data_s_per_image: float = 0.0  # augmentation and batching, per training image
+    low_res_rate: float | None = None  # training images/s at train.low_res_size (progressive resizing)
+    low_res_share: float = 0.0         # the share of the epochs trained at that size
+
+    def _epoch_s(self, rate: float) -> float:
+        return (self.n_train / rate + self.n_train * self.data_s_per_image
+                + self.n_val / self.eval_rate + EPOCH_OVERHEAD_S)
 
     @property
     def epoch_s(self) -> float:
-        return (self.n_train / self.train_rate + self.n_train * self.data_s_per_image
-                + self.n_val / self.eval_rate + EPOCH_OVERHEAD_S)
+        """A full-resolution epoch (validation included)."""
+        return self._epoch_s(self.train_rate)
+
+    @property
+    def low_res(self) -> dict | None:
+        """Progressive resizing as the plan sees it: the share of low-resolution epochs and what one
+        costs relative to a full-resolution epoch (None without it)."""
+        if not self.low_res_rate or not self.low_res_share:
+            return None
+        return {"share": self.low_res_share, "relative_cost": round(self._epoch_s(self.low_res_rate) / self.epoch_s, 4)}
 
     @property
     def fixed_s(self) -> float:
@@ -78,13 +92,51 @@ def split_epochs(total: int, stage_epochs: list[int]) -> list[int]:
     return out
 
 
+def epoch_weight(low_res: dict | None, epoch: int, total: int) -> float:
+    """What epoch ``epoch`` (0-based) of ``total`` costs in full-resolution epochs: progressive
+    resizing trains the first round(share x total) epochs at a lower resolution."""
+    if low_res and epoch < round(low_res["share"] * total):
+        return float(low_res["relative_cost"])
+    return 1.0
+
+
+def fold_units(low_res: dict | None, total: int) -> float:
+    """What a fold of ``total`` epochs costs in full-resolution epochs."""
+    return sum(epoch_weight(low_res, e, total) for e in range(total))
+
+
+def units_left(low_res: dict | None, total: int, done: int = 0, switched: bool = False, folds_after: int = 0) -> float:
+    """What the rest of a plan of ``total`` epochs per fold costs in full-resolution epochs: epochs
+    ``done``..total-1 of this fold (all at full resolution once it ``switched``, see train_fold) and
+    every epoch of the ``folds_after`` folds after it."""
+    here = sum(1.0 if switched else epoch_weight(low_res, e, total) for e in range(done, total))
+    return here + folds_after * fold_units(low_res, total)
+
+
+def fit_epochs(low_res: dict | None, units: float, done: int = 0, switched: bool = False, folds_after: int = 0,
+               minimum: int = 1) -> int:
+    """The number of epochs per fold whose :func:`units_left` is nearest ``units``."""
+    if not low_res:
+        return max(minimum, math.floor((units + done) / (1 + folds_after) + 0.5))
+    lo = max(minimum, done)
+    hi = lo + int(units / min(low_res["relative_cost"], 1.0)) + 2  # every epoch costs at least relative_cost
+
+    def miss(total: int) -> tuple[float, int]:
+        return abs(units_left(low_res, total, done, switched, folds_after) - units), total
+
+    return min(range(lo, hi + 1), key=miss)
+
+
 def plan_epochs(budget_s: float, elapsed_s: float, costs: Costs, stage_epochs: list[int]) -> dict:
-    """The plan: epochs per stage and the time it should take."""
+    """The plan: epochs per stage and the time it should take. ``epoch_s`` in the plan is a
+    full-resolution epoch; with progressive resizing (``low_res``) the first epochs cost less."""
     left = budget_s * (1 - SAFETY) - elapsed_s - costs.fixed_s
-    per_epoch_all_folds = costs.epoch_s * max(costs.n_folds, 1)
+    low_res = costs.low_res
+    n_folds = max(costs.n_folds, 1)
+    per_epoch_all_folds = costs.epoch_s * n_folds
     # the nearest whole number of epochs: the job ends within half an epoch of the target, on
     # either side (rounding down could waste up to an epoch: 13% of a 6-minute demo)
-    total = math.floor(left / per_epoch_all_folds + 0.5) if left > 0 else 0
+    total = fit_epochs(low_res, left / costs.epoch_s, folds_after=n_folds - 1, minimum=0) if left > 0 else 0
     minimum = len(stage_epochs)
     if total < minimum:
         need = elapsed_s + costs.fixed_s + minimum * per_epoch_all_folds
@@ -93,10 +145,10 @@ def plan_epochs(budget_s: float, elapsed_s: float, costs: Costs, stage_epochs: l
                         f"({costs.epoch_s:.0f} s per epoch, {costs.fixed_s:.0f} s for OOF, CV and prediction, "
                         f"{elapsed_s:.0f} s already spent); raise --time-budget or train fewer folds")
     epochs = split_epochs(total, stage_epochs)
-    train_s = sum(epochs) * per_epoch_all_folds
+    train_s = fold_units(low_res, sum(epochs)) * per_epoch_all_folds
     return {"epochs": epochs, "epoch_s": round(costs.epoch_s, 2), "fixed_s": round(costs.fixed_s, 1),
             "elapsed_s": round(elapsed_s, 1), "train_s": round(train_s, 1),
-            "total_s": round(elapsed_s + train_s + costs.fixed_s, 1)}
+            "total_s": round(elapsed_s + train_s + costs.fixed_s, 1), "low_res": low_res}
 
 
 def planned_warmup(cfg: dict) -> float:
@@ -126,14 +178,19 @@ def calibrate(plan: dict, first_epoch_s: float, now: float) -> dict:
     stage_epochs = plan["config_epochs"]
     budget_s = plan["budget_minutes"] * 60
     left = budget_s * (1 - SAFETY) - (now - plan["job_start"]) - plan["fixed_s"]
+    low_res = plan.get("low_res")
+    w0 = epoch_weight(low_res, 0, sum(plan["epochs"]))
+    unit = first_epoch_s / w0  # a full-resolution epoch, from a first epoch that may have been a cheaper one
     # E epochs per fold: E - 1 still to run in this fold, E in each of the other folds
-    total = math.floor((left + first_epoch_s) / (n_folds * first_epoch_s) + 0.5)
-    total = max(total, len(stage_epochs))
+    if low_res:
+        total = fit_epochs(low_res, left / unit, done=1, folds_after=n_folds - 1, minimum=len(stage_epochs))
+    else:
+        total = max(math.floor((left + first_epoch_s) / (n_folds * first_epoch_s) + 0.5), len(stage_epochs))
     epochs = split_epochs(total, stage_epochs)
     out = dict(plan)
-    train_s = (sum(epochs) * n_folds - 1) * first_epoch_s
+    train_s = (fold_units(low_res, sum(epochs)) * n_folds - w0) * unit
     out.update({"epochs": epochs, "provisional_epochs": plan["epochs"], "provisional_epoch_s": plan["epoch_s"],
-                "epoch_s": round(first_epoch_s, 2), "calibrated": True,
+                "epoch_s": round(unit, 2), "calibrated": True,
                 "total_s": round(now - plan["job_start"] + train_s + plan["fixed_s"], 1)})
     return out
 
@@ -158,21 +215,29 @@ def split_open(total: int, current: list[int], done: int, config_epochs: list[in
 
 def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int = 0) -> dict | None:
     """The plan re-made during a fold, after its epoch ``done`` (1-based), from the measured time
-    per epoch: when the host slows down or speeds up, the epochs still to run (in this fold and
-    the ``folds_after`` folds after it) change so that the job ends on time. None when the current
-    plan still ends within 0.6 of an epoch of the target (no change for noise)."""
+    per (full-resolution) epoch: when the host slows down or speeds up, the epochs still to run (in
+    this fold and the ``folds_after`` folds after it) change so that the job ends on time. None when
+    the current plan still ends within 0.6 of an epoch of the target (no change for noise)."""
     current = list(plan["epochs"])
     target = plan["job_start"] + plan["budget_minutes"] * 60 * (1 - SAFETY) - plan["fixed_s"]  # training's end
     total_now = sum(current)
-    predicted = now + (total_now - done + folds_after * total_now) * epoch_s
+    low_res = plan.get("low_res")
+
+    # the fold trains at full resolution from its first full-resolution epoch on (see train_fold)
+    switched = not low_res or done > round(low_res["share"] * total_now)
+
+    def left_units(total: int) -> float:
+        return units_left(low_res, total, done, switched, folds_after)
+
+    predicted = now + left_units(total_now) * epoch_s
     if abs(predicted - target) <= 0.6 * epoch_s:
         return None
-    total = math.floor(((target - now) / epoch_s + done) / (1 + folds_after) + 0.5)
+    total = fit_epochs(low_res, (target - now) / epoch_s, done=done, switched=switched, folds_after=folds_after)
     epochs = split_open(total, current, done, plan["config_epochs"])
     if epochs == current:
         return None
     out = dict(plan)
-    train_left = (sum(epochs) - done + folds_after * sum(epochs)) * epoch_s
+    train_left = left_units(sum(epochs)) * epoch_s
     out.update({"epochs": epochs, "epoch_s": round(epoch_s, 2),
                 "total_s": round(now - plan["job_start"] + train_left + plan["fixed_s"], 1),
                 "replans": [*plan.get("replans", []), {"after_epoch": done, "epoch_s": round(epoch_s, 2),
@@ -209,8 +274,11 @@ def write_plan(run_dir: Path, plan: dict) -> None:
 
 def describe(plan: dict) -> str:
     eta = time.strftime("%H:%M", time.localtime(plan["job_start"] + plan["total_s"]))
+    low = plan.get("low_res")
+    low_text = (f", the first {round(low['share'] * sum(plan['epochs']))} at low resolution "
+                f"({low['relative_cost']:.2f} of the cost)" if low else "")
     return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
-            f"epochs (stages {'+'.join(map(str, plan['epochs']))}), {plan['epoch_s']:.0f} s per epoch, "
+            f"epochs (stages {'+'.join(map(str, plan['epochs']))}{low_text}), {plan['epoch_s']:.0f} s per epoch, "
             f"{plan['fixed_s']:.0f} s for OOF, CV and prediction; the job should end at {eta} "
             f"({plan['total_s'] / 60:.1f} min)")
 

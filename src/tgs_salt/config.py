@@ -71,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": "auto",        # auto (measured on CPU, on with CUDA) | true | false
         "time_budget_minutes": None,    # plan the epochs so the whole job fits (stage proportions kept)
         "compile": False,
+        "low_res_size": None,           # progressive resizing: the first epochs train at this network input size
+        "low_res_fraction": 0.5,        # ... for this fraction of the epochs (images and masks scaled down alike)
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -137,6 +139,8 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "early_stopping"): (int, 1, 1 << 20, True),
     ("train", "time_budget_minutes"): (float, "(0", 1e6, True),
     ("train", "compile"): (bool, None, None, False),
+    ("train", "low_res_size"): (int, 16, 1024, True),
+    ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
@@ -284,6 +288,9 @@ def validate(cfg: dict, where: str = "config") -> None:
            f"{'model.encoder_depth ' + str(depth) if smp_arch else 'the plain baselines'}) and >= input.resize ({r})",
            where)
     t = cfg["train"]
+    lo = t["low_res_size"]
+    _check(lo is None or (lo % stride == 0 and lo < p),
+           f"train.low_res_size = {lo!r}; null or a multiple of {stride} below input.pad_to ({p})", where)
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
     _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
            f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "
@@ -333,6 +340,12 @@ def validate(cfg: dict, where: str = "config") -> None:
 
 def total_epochs(cfg: dict) -> int:
     return sum(s["epochs"] for s in cfg["train"]["stages"])
+
+
+def low_res_epochs(cfg: dict) -> int:
+    """How many of the first epochs train at ``train.low_res_size`` (progressive resizing)."""
+    t = cfg["train"]
+    return 0 if t["low_res_size"] is None else round(t["low_res_fraction"] * total_epochs(cfg))
 
 
 def dump(cfg: dict) -> str:

@@ -53,7 +53,7 @@ from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, 
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
-              "best_metric", "seconds", "images_per_s"]
+              "best_metric", "seconds", "images_per_s", "input_px"]
 
 
 class TrainingError(UserError):
@@ -426,6 +426,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     seed = int(t["seed"]) + 1000 * fold
     torch.manual_seed(seed)
     builder = InputBuilder.from_config(cfg)
+    low_builder = builder.at_size(t["low_res_size"]) if t["low_res_size"] else None
     model, fwd_model = _setup_model(cfg, device, precision, ctx)
     state = TrainState(model, make_optimizer(model.parameters(), t),
                        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg),
@@ -441,6 +442,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx, pseudo)
 
     t_fold, epoch_times = time.time(), []
+    went_full = any(str(r.get("input_px")) == str(builder.geo.pad_to) for r in log_rows)
     tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
     while state.epoch < C.total_epochs(cfg):
         epoch, n_epochs = state.epoch, C.total_epochs(cfg)
@@ -458,9 +460,14 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                                 "or check the data")
 
         progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main)
-        loss_sum, seen, lr = train_one_epoch(fwd_model, model, loader, n_batches, state, builder, loss_fn, t,
+        # never back to the low resolution once past it (a re-plan that adds epochs moves the switch)
+        low_res = low_builder is not None and not went_full and epoch < C.low_res_epochs(cfg)
+        went_full = went_full or not low_res
+        loss_sum, seen, lr = train_one_epoch(fwd_model, model, loader, n_batches, state,
+                                             low_builder if low_res else builder, loss_fn, t,
                                              device, precision, f"fold {fold} epoch {epoch + 1}/{n_epochs} "
-                                             f"{loss_name}", progress, ctx.is_main, bad_loss)
+                                             f"{loss_name}{' ' + str(t['low_res_size']) + ' px' if low_res else ''}",
+                                             progress, ctx.is_main, bad_loss)
         train_seconds = time.time() - t0
         if ctx.enabled:  # the logged train loss covers every rank's images
             parts = all_gather_objects((loss_sum, seen), ctx)
@@ -478,7 +485,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                          "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
                          "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}",
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
-                         "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}"})
+                         "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}",
+                         "input_px": (low_builder if low_res else builder).geo.pad_to})
         if tb.writer is not None:  # the masks the metric saw
             tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
                      apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
@@ -647,8 +655,10 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last")}
     facts = _device_facts(device)
     saved = read_precision(run_dir)
+    low = t["low_res_size"]
     same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
-        and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates)
+        and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates) \
+        and (not want_rates or not low or (saved.get("low_res") or {}).get("size") == low)
     if same:
         prec = Precision.from_dict(saved["precision"])
         log.info("precision: %s (chosen before, %s; %s)", prec.name, prec.reason, precision_path(run_dir))
@@ -679,6 +689,13 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
                      torch.from_numpy(data.depths[vrows]).to(device))
         out["eval_rate"] = round(hardware.time_inference(model, xv, prec, device), 2)
         out["data_s_per_image"] = _augment_cost(cfg, data, train_idx)
+        if low:  # progressive resizing: what a step costs at the low resolution, in the chosen precision
+            lb = builder.at_size(low)
+            xl = lb(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
+            yl = lb.target(torch.from_numpy(data.masks[rows]).to(device))
+            low_timer = hardware.make_step_timer(model, xl, yl, get_loss(t["stages"][0]["loss"]), lb.geo.crop, device)
+            out["low_res"] = {"size": low, "train_rate": round(batch / low_timer(prec.dtype, prec.channels_last,
+                                                                                  batch), 2)}
     out["probe_seconds"] = round(time.time() - t0, 1)
     write_json_atomic(precision_path(run_dir), out)
     rates = ", ".join(f"{k} {v:g}" for k, v in prec.rates.items()) or "not measured"
@@ -710,7 +727,9 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
     costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
                     n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
-                    tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale)
+                    tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
+                    low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
+                    low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0)
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
     plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
@@ -736,8 +755,8 @@ def _calibrator(run_dir: Path, folds_after: int):
             return None
         if plan.get("calibrated") is False:
             new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
-        else:
-            recent.append(epoch_s)
+        else:  # in full-resolution epochs: progressive resizing's first epochs cost less
+            recent.append(epoch_s / B.epoch_weight(plan.get("low_res"), done - 1, sum(plan["epochs"])))
             mean = float(np.mean(recent[-3:]))
             new = B.replan(plan, done, mean, time.time(), folds_after)
             why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"

@@ -55,6 +55,12 @@ class InputBuilder:
         i = cfg["input"]
         return cls(i["channels"], Geometry(i["resize"], i["pad_to"], i["pad_mode"]))
 
+    def at_size(self, size: int) -> InputBuilder:
+        """The same input at network size ``size`` instead of ``pad_to``: the image is resized so that
+        it fills the same share of the input (progressive resizing trains at a lower resolution first)."""
+        g = self.geo
+        return InputBuilder(self.channels, Geometry(max(1, round(g.resize * size / g.pad_to)), size, g.pad_mode))
+
     @property
     def n_channels(self) -> int:
         return len(self.channels)
