@@ -11,7 +11,7 @@ from helpers import tiny_config
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision
 from tgs_salt.inference import predict_batch
-from tgs_salt.postprocess import PostProcess, apply, is_blank, nested_scores, split_groups, tune
+from tgs_salt.postprocess import PostProcess, apply, decide, is_blank, nested_scores, split_groups, tune
 from tgs_salt.predict import predict_test
 from tgs_salt.submission import validate_submission
 from tgs_salt.transforms import Geometry, InputBuilder
@@ -168,6 +168,28 @@ def test_nested_scores_tune_on_the_other_groups_only():
     assert split_groups(np.arange(90) % 5)[0].tolist() == (np.arange(90) % 5).tolist()
 
 
+def test_decide_applies_tuning_only_where_it_wins_held_out():
+    """postprocess.tune auto: under-confident salt (p = 0.35) is found only below the default 0.5, so
+    the tuned threshold wins on held-out halves and is applied; with exact 0/1 probabilities every
+    threshold scores alike, tuning gains nothing held out, and the untuned default stays."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((60, 101, 101), bool)
+    truth[::2, 20:60, 30:80] = True
+    probs = np.where(truth, 0.35, 0.05).astype(np.float32) + rng.uniform(0, 0.05, truth.shape).astype(np.float32)
+    groups = np.arange(60) % 2
+    cfg = {"postprocess": {"thresholds": [0.05, 0.95, 19], "min_areas": [0, 10], "default_threshold": 0.5,
+                           "tune": "auto"}}
+    pp, how = decide(probs, truth, cfg, groups)
+    assert how["applied"] == "tuned" and 0.1 <= pp.threshold < 0.35 and how["score_applied"] == pytest.approx(1.0)
+    assert how["sweep"]["score_default"] == pytest.approx(0.5) and "nested tuning 1.0000 > untuned 0.5000" in how["why"]
+    exact = truth.astype(np.float32)
+    pp, how = decide(exact, truth, cfg, groups)
+    assert how["applied"] == "untuned" and pp == PostProcess(0.5, 0, None) and "<=" in how["why"]
+    for mode, want in ((True, "tuned"), (False, "untuned")):
+        forced = {"postprocess": {**cfg["postprocess"], "tune": mode}}
+        assert decide(probs, truth, forced, groups)[1]["applied"] == want
+
+
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, synth_dir):
     tmp = tmp_path_factory.mktemp("pred")
@@ -191,6 +213,12 @@ def test_predict_writes_a_valid_submission(predicted, synth_dir):
     info = json.loads((run_dir / "submission.json").read_text())
     assert info["models"] == 2 and info["postprocess"]["cls_threshold"] is None
     assert set(info["postprocess"]) == {"threshold", "min_area", "cls_threshold"}
+    cv = json.loads((run_dir / "cv.json").read_text()) if (run_dir / "cv.json").exists() else None
+    assert info["postprocess_applied"] in ("tuned", "untuned") and "tuning" in info["postprocess_why"]
+    if info["postprocess_applied"] == "untuned":
+        assert info["postprocess"]["threshold"] == 0.5 and info["postprocess"]["min_area"] == 0
+    if cv is not None:  # cv and predict make the same decision from the same OOF predictions
+        assert cv["applied"] == info["postprocess_applied"] and cv["applied_postprocess"] == info["postprocess"]
 
 
 def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):

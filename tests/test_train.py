@@ -169,6 +169,15 @@ def test_cv_report(trained, synth_dir):
     out = json.loads((run_dir / "cv.json").read_text())
     assert out["score"] >= out["score_default_threshold"] - 1e-9   # tuning never hurts on OOF
     assert 0 <= out["score"] <= 1 and set(out["per_fold"]) == {"0", "1"}
+    # what the test set gets: tuned only when that wins held out, and its held-out score
+    applied = out["applied_postprocess"]
+    if out["applied"] == "tuned":
+        assert out["score_nested"] > out["score_default_threshold"] and out["score_applied"] == out["score_nested"]
+        assert applied["threshold"] == out["threshold"] and applied["min_area"] == out["min_area"]
+    else:
+        assert out["score_nested"] <= out["score_default_threshold"] == out["score_applied"]
+        assert applied == {"threshold": 0.5, "min_area": 0, "cls_threshold": None}
+    assert "applied to the test set" in r.stdout
     assert len(out["per_coverage"]) == 11 and sum(b["n"] for b in out["per_coverage"]) == out["n_images"]
     assert "CV score:" in r.stdout
     for png in ("score_vs_threshold", "score_by_coverage", "empty_decision", "training_curves",

@@ -93,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "thresholds": [0.05, 0.95, 91],  # linspace(start, stop, count)
         "min_areas": [0, 10, 20, 30, 50, 75, 100, 150, 200, 300],
         "default_threshold": 0.5,
+        "tune": "auto",                 # auto: the tuned post-processing only where it beats the untuned one nested | true | false
     },
 }
 
@@ -105,6 +106,7 @@ CHOICES = {
     ("train", "amp_dtype"): ("auto", "bfloat16", "float16"),
     ("train", "channels_last"): ("auto", True, False),
     ("train", "select"): ("best", "last"),
+    ("postprocess", "tune"): ("auto", True, False),
 }
 STAGE_KEYS = {"loss", "epochs", "lr"}
 

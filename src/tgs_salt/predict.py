@@ -15,7 +15,8 @@ from tgs_salt.errors import UserError
 from tgs_salt.hardware import resolve_device
 from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
-from tgs_salt.postprocess import apply, tune
+from tgs_salt.data.folds import folds_for
+from tgs_salt.postprocess import apply, decide, split_groups
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.rundir import RunDir
 from tgs_salt.submission import validate_submission, write_submission
@@ -91,11 +92,14 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
 
     # post-processing tuned on the same ensemble's out-of-fold predictions
     _, oof, oof_cls, train, rows = oof_with_truth(run_dirs, weights, data_dir)
-    pp, sweep = tune(oof, train.masks[rows], cfg, oof_cls)
+    groups, _ = split_groups(folds_for(train.ids, Path(facts["fold_file"]))[rows])
+    pp, how = decide(oof, train.masks[rows], cfg, groups, oof_cls)
+    sweep = how["sweep"]
     del oof, train
-    log.info("post-processing tuned on OOF: threshold %.3f, min area %d, empty below salt probability %s "
-             "(CV %.4f; %.4f at threshold %.2f)", pp.threshold, pp.min_area, pp.cls_threshold,
-             sweep["score_tuned"], sweep["score_default"], sweep["default"].threshold)
+    log.info("post-processing: %s, threshold %.3f, min area %d, empty below salt probability %s (%s; CV %.4f "
+             "tuned on the same images, %.4f at threshold %.2f, %.4f nested)", how["applied"], pp.threshold,
+             pp.min_area, pp.cls_threshold, how["why"], sweep["score_tuned"], sweep["score_default"],
+             sweep["default"].threshold, float(how["nested"].mean()))
 
     ensemble = load_fold_models(run_dirs, device)
     n_models = sum(len(m) for m, _ in ensemble)
@@ -125,11 +129,13 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
         (out_dir / "submission.json").unlink(missing_ok=True)
     write_json_atomic(out_dir / "submission.json", {
         "submission": str(sub_path), "rows": v.rows, "non_empty": v.non_empty, "postprocess": pp.to_dict(),
-        "cv_score": round(sweep["score_tuned"], 6), "runs": [str(r) for r in run_dirs],
+        "postprocess_applied": how["applied"], "postprocess_why": how["why"],
+        "cv_score_held_out": round(how["score_applied"], 6), "cv_score": round(sweep["score_tuned"], 6),
+        "runs": [str(r) for r in run_dirs],
         "weights": weights.round(6).tolist(), "models": n_models, "seconds": round(seconds, 1),
         "images_per_s": round(len(test) / max(seconds, 1e-9), 1), "device": str(device)})
-    print(f"{v.rows} rows, {v.non_empty} non-empty masks; threshold {pp.threshold:.3f}, min area {pp.min_area}; "
-          f"OOF CV {sweep['score_tuned']:.4f}")
+    print(f"{v.rows} rows, {v.non_empty} non-empty masks; {how['applied']} post-processing: threshold "
+          f"{pp.threshold:.3f}, min area {pp.min_area}; OOF CV held out {how['score_applied']:.4f}")
     print(sub_path)
     return 0
 

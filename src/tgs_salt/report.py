@@ -16,7 +16,7 @@ from tgs_salt.data.folds import coverage_class, folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import atomic_path, write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import apply, nested_scores, split_groups, tune
+from tgs_salt.postprocess import apply, decide, split_groups
 from tgs_salt.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,11 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
     truth, images = data.masks[rows], data.images[rows]
     fold_file = Path(facts["fold_file"])
     folds = folds_for(data.ids, fold_file)[rows]
-    best, sweep = tune(probs, truth, cfg, cls)
-    pred = apply(probs, best, cls=cls)
-    scores = per_image_scores(pred, truth)
     groups, nested_how = split_groups(folds)
-    nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls)
+    applied, how = decide(probs, truth, cfg, groups, cls)
+    best, sweep, nested, nested_pp = how["tuned"], how["sweep"], how["nested"], how["nested_postprocess"]
+    pred = apply(probs, applied, cls=cls)  # the breakdowns below describe what the test set gets
+    scores = per_image_scores(pred, truth)
     cov = coverage_class(truth)
     inter = np.logical_and(pred, truth).sum()
     psum, tsum = pred.sum(), truth.sum()
@@ -129,8 +129,11 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
         "score_default_threshold": round(sweep["score_default"], 6),
         "default_threshold": sweep["default"].threshold,
         "threshold": best.threshold, "min_area": best.min_area, "cls_threshold": best.cls_threshold,
-        "score": round(float(scores.mean()), 6),
+        "score": round(float(sweep["score_tuned"]), 6),
         "score_nested": round(float(nested.mean()), 6), "nested": nested_how, "nested_postprocess": nested_pp,
+        # what predict applies, and its held-out score (nested when tuned, no choice made when untuned)
+        "applied": how["applied"], "applied_postprocess": applied.to_dict(), "applied_why": how["why"],
+        "score_applied": round(how["score_applied"], 6),
         "all_empty_score": round(float(empty.mean()), 6),
         "per_fold": {int(f): round(float(scores[folds == f].mean()), 6) for f in np.unique(folds)},
         "per_coverage": [{"bin": COVERAGE_LABELS[c], "n": int((cov == c).sum()),
@@ -159,10 +162,14 @@ def print_report(r: dict) -> None:
     print(f"  tuned: threshold {r['threshold']:.3f}, min area {r['min_area']:>4d}{cls}: {r['score']:.4f} "
           "(tuned and scored on the same images)")
     print(f"  nested: {r['score_nested']:.4f} ({r['nested']})")
+    if "applied" in r:
+        print(f"  applied to the test set: {r['applied']} post-processing ({r['applied_why']}); "
+              f"held-out score {r['score_applied']:.4f}")
     print(f"  all-empty baseline: {r['all_empty_score']:.4f}   pixel IoU {r['pixel_iou']:.4f}   "
           f"Dice {r['dice']:.4f}   empty/non-empty accuracy {r['empty_accuracy']:.4f}")
-    print("  per fold: " + "  ".join(f"{k}: {v:.4f}" for k, v in r["per_fold"].items()))
-    print("  per coverage bin:")
+    what = f" ({r['applied']} post-processing)" if "applied" in r else ""
+    print(f"  per fold{what}: " + "  ".join(f"{k}: {v:.4f}" for k, v in r["per_fold"].items()))
+    print(f"  per coverage bin{what}:")
     for b in r["per_coverage"]:
         s = "   -  " if b["score"] is None else f"{b['score']:.4f}"
         print(f"    {b['bin']:>8s}  n={b['n']:>5d}  {s}")
