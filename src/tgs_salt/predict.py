@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from tgs_salt import paths
+from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import resolve_device
 from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
-from tgs_salt.data.folds import folds_for
 from tgs_salt.postprocess import apply, decide, split_groups
 from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
 from tgs_salt.rundir import RunDir
