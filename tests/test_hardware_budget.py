@@ -157,6 +157,29 @@ def test_probe_does_not_drop_a_candidate_on_a_busy_moment(busy_calls):
     assert p.name == "bf16+NCHW" and ("bf16+NCHW", 32) in calls
 
 
+def test_probe_rounds_undo_a_busy_full_batch_timing():
+    """The AMX machine with another training run beside the probe: bf16 NCHW (the fastest, 55 img/s
+    idle) timed on its full batch at a busy moment. The later rounds time every candidate again in
+    alternating order and keep each one's best, so it still wins; the candidates' order is reversed
+    between rounds."""
+    rates = {"fp32+NCHW": 28.0, "fp32+channels_last": 37.0, "bf16+NCHW": 55.0, "bf16+channels_last": 26.0}
+    calls = []
+
+    def time_step(dtype, cl, n):
+        name = H.candidate_name(dtype, cl)
+        calls.append((name, n))
+        busy = name == "bf16+NCHW" and n == 32 and calls.count(("bf16+NCHW", 32)) == 1
+        return (18.0 if busy else 1.0) * n / rates[name]
+
+    p = H.choose(AUTO, CPU, time_step, batch=32)
+    assert p.name == "bf16+NCHW" and p.rates == rates
+    full = [c for c, n in calls if n == 32]
+    assert full[:4] == ["fp32+NCHW", "fp32+channels_last", "bf16+NCHW", "bf16+channels_last"]
+    assert full[4:8] == full[3::-1] and full[8:] == full[:4]  # two more rounds, alternating order
+    single = H.probe_cpu([(None, False)], lambda *a: 1.0, batch=32)
+    assert single == {"fp32+NCHW": 32.0}  # nothing to compare: no extra rounds
+
+
 def test_probe_keeps_native_bf16():
     rates = {"fp32+NCHW": 9.5, "fp32+channels_last": 11.0, "bf16+NCHW": 20.0, "bf16+channels_last": 29.7}
     calls = []
