@@ -432,7 +432,8 @@ def test_budgeted_run_with_progressive_resizing_measures_the_low_res_step(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     prec = json.loads((run / "precision.json").read_text())
     plan = json.loads((run / "plan.json").read_text())
-    assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] > 0
+    assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
+    assert 0 < prec["low_res"]["step_cost_vs_full"] <= 1 and "a training step at 64 px costs" in r.stderr
     assert plan["low_res"]["share"] == 0.5 and 0 < plan["low_res"]["relative_cost"] < 1
     assert "at low resolution" in r.stderr
     px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
