@@ -178,6 +178,10 @@ def test_probe_rounds_undo_a_busy_full_batch_timing():
     assert full[4:8] == full[3::-1] and full[8:] == full[:4]  # two more rounds, alternating order
     single = H.probe_cpu([(None, False)], lambda *a: 1.0, batch=32)
     assert single == {"fp32+NCHW": 32.0}  # nothing to compare: no extra rounds
+    calls.clear()
+    late = H.probe_cpu(H.candidates(AUTO, CPU), time_step, batch=32, max_seconds=0)
+    assert len([c for c in calls if c[1] == 32]) == 4  # the probe's time is up: no extra rounds
+    assert late["bf16+NCHW"] < 5 and max(late, key=late.get) == "fp32+channels_last"  # the busy timing stands
 
 
 def test_probe_keeps_native_bf16():

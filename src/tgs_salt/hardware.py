@@ -229,7 +229,7 @@ StepFn = Callable[[str | None, bool, int], float]
 
 
 def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: int,
-              small: int = 2, slow_factor: float = 2.0, rounds: int = 2) -> dict[str, float]:
+              small: int = 2, slow_factor: float = 2.0, rounds: int = 2, max_seconds: float = 60.0) -> dict[str, float]:
     """Training images/s of each candidate. ``time_step(dtype, channels_last, n)`` returns the
     seconds of one timed step on ``n`` images (after its own warm-up). A reduced-precision
     candidate is first timed on ``small`` images, like the fastest candidate so far, and dropped
@@ -239,7 +239,9 @@ def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: in
     timed on the full batch is timed again in ``rounds`` more rounds, in alternating order, keeping
     its best rate (a neighbour's load only ever slows a step down: with another training run on the
     same 2 cores, one pass measured native bf16 NCHW at 3.1 img/s against 55 idle, and picked a
-    layout twice as slow)."""
+    layout twice as slow). The extra rounds stop once the probe has taken ``max_seconds``: on a
+    machine that slow, they cost more than they can save."""
+    t_start = time.perf_counter()
     rates: dict[str, float] = {}
     timed: list[str] = []  # timed on the full batch
     by_name = {candidate_name(*c): c for c in cands}
@@ -260,12 +262,16 @@ def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: in
         rates[name] = round(batch / time_step(dtype, cl, batch), 2)
         log.info("precision probe: %s %.1f img/s", name, rates[name])
         timed.append(name)
+    done = 0
     for r in range(rounds if len(timed) > 1 else 0):
+        if time.perf_counter() - t_start > max_seconds:
+            log.info("precision probe: %.0f s spent, no more rounds", time.perf_counter() - t_start)
+            break
         for name in (reversed(timed) if r % 2 == 0 else timed):
             rates[name] = max(rates[name], round(batch / time_step(*by_name[name], batch), 2))
-    if rounds and len(timed) > 1:
-        log.info("precision probe, best of %d rounds: %s", rounds + 1,
-                 ", ".join(f"{n} {rates[n]:.1f}" for n in timed))
+        done += 1
+    if done:
+        log.info("precision probe, best of %d rounds: %s", done + 1, ", ".join(f"{n} {rates[n]:.1f}" for n in timed))
     return rates
 
 
