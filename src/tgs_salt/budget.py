@@ -213,18 +213,23 @@ def split_open(total: int, current: list[int], done: int, config_epochs: list[in
     return fixed + open_
 
 
-def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int = 0) -> dict | None:
+def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int = 0,
+           switched: bool | None = None) -> dict | None:
     """The plan re-made during a fold, after its epoch ``done`` (1-based), from the measured time
     per (full-resolution) epoch: when the host slows down or speeds up, the epochs still to run (in
     this fold and the ``folds_after`` folds after it) change so that the job ends on time. None when
-    the current plan still ends within 0.6 of an epoch of the target (no change for noise)."""
+    the current plan still ends within 0.6 of an epoch of the target (no change for noise).
+    ``switched``: whether the fold already trains at full resolution (by default, whether the plan
+    put epoch ``done`` past its low-resolution epochs)."""
     current = list(plan["epochs"])
     target = plan["job_start"] + plan["budget_minutes"] * 60 * (1 - SAFETY) - plan["fixed_s"]  # training's end
     total_now = sum(current)
     low_res = plan.get("low_res")
 
     # the fold trains at full resolution from its first full-resolution epoch on (see train_fold)
-    switched = not low_res or done > round(low_res["share"] * total_now)
+    if switched is None:
+        switched = done > round(low_res["share"] * total_now) if low_res else True
+    switched = switched or not low_res
 
     def left_units(total: int) -> float:
         return units_left(low_res, total, done, switched, folds_after)

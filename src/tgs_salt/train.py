@@ -757,17 +757,20 @@ def _calibrator(run_dir: Path, folds_after: int):
     epoch the plan is re-made from the mean of the last three epochs when it drifted off by more
     than 0.6 of an epoch (the host slowed down or sped up)."""
     recent: list[float] = []
+    went_full = [False]  # as in train_fold: once an epoch ran at full resolution, every later one does
 
     def calibrate(done: int, epoch_s: float) -> list[int] | None:
         plan = B.read_plan(run_dir)
         if plan is None:
             return None
+        weight = 1.0 if went_full[0] else B.epoch_weight(plan.get("low_res"), done - 1, sum(plan["epochs"]))
+        went_full[0] = went_full[0] or weight == 1.0
         if plan.get("calibrated") is False:
             new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
         else:  # in full-resolution epochs: progressive resizing's first epochs cost less
-            recent.append(epoch_s / B.epoch_weight(plan.get("low_res"), done - 1, sum(plan["epochs"])))
+            recent.append(epoch_s / weight)
             mean = float(np.mean(recent[-3:]))
-            new = B.replan(plan, done, mean, time.time(), folds_after)
+            new = B.replan(plan, done, mean, time.time(), folds_after, switched=went_full[0])
             why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"
         if new is None:
             return None
