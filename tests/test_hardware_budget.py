@@ -339,14 +339,14 @@ def test_calibrator_counts_low_res_epochs_at_their_cost(tmp_path):
     cal = _calibrator(tmp_path, folds_after=0)
     # 5 low-res epochs at 50 s each: on time, no change (they would look twice as fast as planned if
     # counted as full epochs)
-    assert cal(5, 50.0) is None and B.read_plan(tmp_path)["epochs"] == [20]
+    assert cal(5, 50.0, True) is None and B.read_plan(tmp_path)["epochs"] == [20]
 
 
 def test_calibrator_after_the_switch_counts_full_epochs_even_when_the_plan_grows(tmp_path):
     """Switched to full resolution after 10 low-res epochs; then the plan grows to 30 epochs, whose
     first 15 would be low-res by the share: the fold stays at full resolution (train_fold never goes
-    back), and so must the calibrator's count, or the next full epoch would look twice as slow (200 s
-    instead of 100) and the plan would be cut."""
+    back, and tells the calibrator so), and so must the calibrator's count, or the next full epoch
+    would look twice as slow (200 s instead of 100) and the plan would be cut."""
     import time
 
     from tgs_salt.train import _calibrator
@@ -357,13 +357,13 @@ def test_calibrator_after_the_switch_counts_full_epochs_even_when_the_plan_grows
     B.write_plan(tmp_path, plan)
     cal = _calibrator(tmp_path, folds_after=0)
     for done in range(1, 11):
-        cal(done, 50.0)
+        cal(done, 50.0, True)
     grown = {**B.read_plan(tmp_path), "epochs": [20]}
     B.write_plan(tmp_path, grown)
-    cal(11, 100.0)  # the first full-resolution epoch (index 10 of 20: past the 10 low-res ones)
+    cal(11, 100.0, False)  # the first full-resolution epoch (index 10 of 20: past the 10 low-res ones)
     grown = {**B.read_plan(tmp_path), "epochs": [30]}  # the host sped up: 15 "low-res" epochs by the share
     B.write_plan(tmp_path, grown)
-    cal(12, 100.0)
+    cal(12, 100.0, False)
     want = B.replan(grown, 12, 100.0, time.time(), switched=True)
     assert B.read_plan(tmp_path)["epochs"] == (want["epochs"] if want else [30])
     slow = B.replan(grown, 12, 200.0, time.time(), switched=True)  # what counting it at 0.5 would do

@@ -346,7 +346,7 @@ def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):
     cfg, data, folds = _setup(tmp_path, synth_dir, train=train)
     asked = []
 
-    def calibrate(done, seconds):
+    def calibrate(done, seconds, low_res):
         asked.append(done)
         return [2, 1] if done == 1 else None
 

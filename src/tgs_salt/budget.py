@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tgs_salt.config import low_res_count
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 
@@ -95,7 +96,7 @@ def split_epochs(total: int, stage_epochs: list[int]) -> list[int]:
 def epoch_weight(low_res: dict | None, epoch: int, total: int) -> float:
     """What epoch ``epoch`` (0-based) of ``total`` costs in full-resolution epochs: progressive
     resizing trains the first round(share x total) epochs at a lower resolution."""
-    if low_res and epoch < round(low_res["share"] * total):
+    if low_res and epoch < low_res_count(low_res["share"], total):
         return float(low_res["relative_cost"])
     return 1.0
 
@@ -228,7 +229,7 @@ def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int =
 
     # the fold trains at full resolution from its first full-resolution epoch on (see train_fold)
     if switched is None:
-        switched = done > round(low_res["share"] * total_now) if low_res else True
+        switched = done > low_res_count(low_res["share"], total_now) if low_res else True
     switched = switched or not low_res
 
     def left_units(total: int) -> float:
@@ -280,7 +281,7 @@ def write_plan(run_dir: Path, plan: dict) -> None:
 def describe(plan: dict) -> str:
     eta = time.strftime("%H:%M", time.localtime(plan["job_start"] + plan["total_s"]))
     low = plan.get("low_res")
-    low_text = (f", the first {round(low['share'] * sum(plan['epochs']))} at low resolution "
+    low_text = (f", the first {low_res_count(low['share'], sum(plan['epochs']))} at low resolution "
                 f"({low['relative_cost']:.2f} of the cost)" if low else "")
     return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
             f"epochs (stages {'+'.join(map(str, plan['epochs']))}{low_text}), {plan['epoch_s']:.0f} s per epoch, "

@@ -344,10 +344,16 @@ def total_epochs(cfg: dict) -> int:
     return sum(s["epochs"] for s in cfg["train"]["stages"])
 
 
+def low_res_count(fraction: float, total: int) -> int:
+    """How many of ``total`` epochs progressive resizing trains at the low resolution: the rule
+    training and the time plan share."""
+    return round(fraction * total)
+
+
 def low_res_epochs(cfg: dict) -> int:
     """How many of the first epochs train at ``train.low_res_size`` (progressive resizing)."""
     t = cfg["train"]
-    return 0 if t["low_res_size"] is None else round(t["low_res_fraction"] * total_epochs(cfg))
+    return 0 if t["low_res_size"] is None else low_res_count(t["low_res_fraction"], total_epochs(cfg))
 
 
 def dump(cfg: dict) -> str:

@@ -491,7 +491,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
                      apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
         if calibrate is not None and start_epoch == 0:
-            cfg = _recalibrate(cfg, calibrate(epoch + 1, time.time() - t0) if ctx.is_main else None, state, ctx)
+            cfg = _recalibrate(cfg, calibrate(epoch + 1, time.time() - t0, low_res) if ctx.is_main else None,
+                               state, ctx)
             t = cfg["train"]
         state.epoch, new_stage = next_epoch(epoch, state.lrc.starts, state.since_best, t["early_stopping"])
         if state.epoch > epoch + 1 and ctx.is_main:
@@ -757,20 +758,19 @@ def _calibrator(run_dir: Path, folds_after: int):
     epoch the plan is re-made from the mean of the last three epochs when it drifted off by more
     than 0.6 of an epoch (the host slowed down or sped up)."""
     recent: list[float] = []
-    went_full = [False]  # as in train_fold: once an epoch ran at full resolution, every later one does
 
-    def calibrate(done: int, epoch_s: float) -> list[int] | None:
+    def calibrate(done: int, epoch_s: float, low_res: bool = False) -> list[int] | None:
+        """``low_res``: the epoch trained at train.low_res_size (train_fold never goes back to it)."""
         plan = B.read_plan(run_dir)
         if plan is None:
             return None
-        weight = 1.0 if went_full[0] else B.epoch_weight(plan.get("low_res"), done - 1, sum(plan["epochs"]))
-        went_full[0] = went_full[0] or weight == 1.0
+        weight = plan["low_res"]["relative_cost"] if low_res and plan.get("low_res") else 1.0
         if plan.get("calibrated") is False:
             new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
         else:  # in full-resolution epochs: progressive resizing's first epochs cost less
             recent.append(epoch_s / weight)
             mean = float(np.mean(recent[-3:]))
-            new = B.replan(plan, done, mean, time.time(), folds_after, switched=went_full[0])
+            new = B.replan(plan, done, mean, time.time(), folds_after, switched=not low_res)
             why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"
         if new is None:
             return None
@@ -784,7 +784,7 @@ def _calibrator(run_dir: Path, folds_after: int):
 
 def _follower(run_dir: Path, folds_after: int):
     """A rank other than the main one: the plan is the main process's to change."""
-    return lambda done, epoch_s: None
+    return lambda done, epoch_s, low_res=False: None
 
 
 def job_start_time() -> float:
