@@ -47,6 +47,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"low_res_size": 48}}, "train.low_res_size = 48; null or a multiple of 32 below input.pad_to (128)"),
     ({"train": {"low_res_size": 128}}, "below input.pad_to"),
     ({"train": {"low_res_fraction": 1.5}}, "train.low_res_fraction"),
+    ({"train": {"low_res_mode": "zoom"}}, "train.low_res_mode"),
+    ({"input": {"resize": 101, "pad_to": 160}, "train": {"low_res_size": 128, "low_res_mode": "crop"}},
+     "the window must fit in the 101 px image"),
 ])
 def test_bad_values_name_the_choices(tmp_path, body, needle):
     with pytest.raises(UserError) as e:

@@ -299,9 +299,11 @@ def test_deep_supervision_adds_the_side_losses(tmp_path, synth_dir):
     assert not torch.allclose(heads[0], heads[1])
 
 
-def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth_dir, monkeypatch):
+@pytest.mark.parametrize("mode", ["resize", "crop"])
+def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth_dir, monkeypatch, mode):
     """train.low_res_size: the first round(fraction x epochs) epochs feed the network images (and
-    score masks) scaled to that size; later epochs, validation and OOF use the full input."""
+    score masks) scaled to that size (or windows of that size); later epochs, validation and OOF use
+    the full input."""
     from tgs_salt import models
 
     seen = []  # (training?, input height) of every forward pass
@@ -315,7 +317,7 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
     monkeypatch.setattr(models, "build_model", spying_build)
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
-             "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
+             "low_res_mode": mode, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
     cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
     assert C.low_res_epochs(cfg) == 2
     train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
@@ -337,6 +339,37 @@ def test_low_res_builder_keeps_the_padding_share():
     assert x.shape == (2, 3, 64, 64)
     y = b.target(torch.ones(2, 101, 101, dtype=torch.bool))
     assert y.shape == (2, 1, 58, 58) and bool(y.all())
+
+
+def test_crop_builder_takes_the_same_random_window_of_image_and_mask():
+    """low_res_mode crop: each image's window lies inside the image (no padding), the mask's is the
+    same window, every position is drawn about equally often, and a (epoch, batch) key always draws
+    the same windows."""
+    from tgs_salt.transforms import IMG_MEAN, IMG_STD, Geometry, InputBuilder
+
+    full = InputBuilder(["image", "depth", "row"], Geometry(101, 112, "reflect"))
+    crop = full.cropped(64, seed=5)
+    n = 64
+    rows = torch.arange(101).view(1, 101, 1).expand(n, 101, 101)
+    cols = torch.arange(101).view(1, 1, 101).expand(n, 101, 101)
+    img = (rows + 128 * (cols >= 50)).to(torch.uint8)       # the row, +128 right of column 50
+    mask = cols >= 50
+    x, y = crop.training_pair(img, mask, torch.full((n,), 300.0), key=(3, 7))
+    assert x.shape == (n, 3, 64, 64) and y.shape == (n, 1, 64, 64)
+    pixel = torch.round(x[:, 0] * IMG_STD * 255 + IMG_MEAN * 255).long()
+    top = pixel[:, 0, 0] % 128
+    assert (0 <= top).all() and (top <= 37).all()
+    assert torch.equal(pixel[:, :, 0] % 128 - top[:, None], torch.arange(64).expand(n, 64))  # 64 image rows in order
+    assert torch.equal(pixel >= 128, y[:, 0].bool())  # salt exactly where the image says
+    offsets = crop.offsets(n, (3, 7))
+    assert torch.equal(top, offsets[:, 0])
+    assert torch.equal(y[:, 0, 0].float().argmax(1), 50 - offsets[:, 1])  # salt starts at column 50 of the image
+    assert torch.equal(offsets, crop.offsets(n, (3, 7))) and not torch.equal(offsets, crop.offsets(n, (3, 8)))
+    many = torch.cat([crop.offsets(1000, (e, 0)) for e in range(20)])  # 20000 windows
+    counts = torch.bincount(many.flatten(), minlength=38).float()
+    assert len(counts) == 38 and counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    with pytest.raises(TypeError, match="training_pair"):
+        crop(img, torch.zeros(n))
 
 
 def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):

@@ -72,7 +72,8 @@ DEFAULTS: dict[str, Any] = {
         "time_budget_minutes": None,    # plan the epochs so the whole job fits (stage proportions kept)
         "compile": False,
         "low_res_size": None,           # progressive resizing: the first epochs train at this network input size
-        "low_res_fraction": 0.5,        # ... for this fraction of the epochs (images and masks scaled down alike)
+        "low_res_fraction": 0.5,        # ... for this fraction of the epochs
+        "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -107,6 +108,7 @@ CHOICES = {
     ("train", "channels_last"): ("auto", True, False),
     ("train", "select"): ("best", "last"),
     ("postprocess", "tune"): ("auto", True, False),
+    ("train", "low_res_mode"): ("resize", "crop"),
 }
 STAGE_KEYS = {"loss", "epochs", "lr"}
 
@@ -293,6 +295,9 @@ def validate(cfg: dict, where: str = "config") -> None:
     lo = t["low_res_size"]
     _check(lo is None or (lo % stride == 0 and lo < p),
            f"train.low_res_size = {lo!r}; null or a multiple of {stride} below input.pad_to ({p})", where)
+    _check(lo is None or t["low_res_mode"] != "crop" or lo <= r,
+           f"train.low_res_size = {lo!r} with train.low_res_mode crop: the window must fit in the "
+           f"{r} px image (input.resize)", where)
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
     _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
            f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "

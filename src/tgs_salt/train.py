@@ -306,8 +306,8 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
         for g in state.optimizer.param_groups:
             g["lr"] = lr
         img, mask, depth = (v.to(device, non_blocking=True) for v in (img, mask, depth))
-        x = builder(img, depth).contiguous(memory_format=mf)
-        y = builder.target(mask)
+        x, y = builder.training_pair(img, mask, depth, key=(state.epoch, b))
+        x = x.contiguous(memory_format=mf)
         with precision.autocast(device):
             out, label = split_output(fwd_model(x))
         loss = batch_loss(out, label, take_side_logits(model), y, geo, loss_fn, side_fn, t)
@@ -426,7 +426,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     seed = int(t["seed"]) + 1000 * fold
     torch.manual_seed(seed)
     builder = InputBuilder.from_config(cfg)
-    low_builder = builder.at_size(t["low_res_size"]) if t["low_res_size"] else None
+    low_builder = None
+    if t["low_res_size"]:
+        low_builder = (builder.cropped(t["low_res_size"], seed) if t["low_res_mode"] == "crop"
+                       else builder.at_size(t["low_res_size"]))
     model, fwd_model = _setup_model(cfg, device, precision, ctx)
     state = TrainState(model, make_optimizer(model.parameters(), t),
                        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg),

@@ -61,9 +61,20 @@ class InputBuilder:
         g = self.geo
         return InputBuilder(self.channels, Geometry(max(1, round(g.resize * size / g.pad_to)), size, g.pad_mode))
 
+    def cropped(self, size: int, seed: int) -> CropBuilder:
+        """Training input of random ``size`` x ``size`` windows of this full-resolution input (see
+        :class:`CropBuilder`): the low-resolution phase's other mode, the image kept at its scale."""
+        return CropBuilder(self, size, seed)
+
     @property
     def n_channels(self) -> int:
         return len(self.channels)
+
+    def training_pair(self, images: torch.Tensor, masks: torch.Tensor, depths: torch.Tensor,
+                      key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network input and loss target of a training batch (``key``: epoch and batch, for
+        builders that draw random numbers)."""
+        return self(images, depths), self.target(masks)
 
     def __call__(self, images: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
         g = self.geo
@@ -98,6 +109,40 @@ class InputBuilder:
         if self.geo.resize != 101:
             t = (F.interpolate(t, size=(self.geo.resize,) * 2, mode="bilinear", align_corners=False) > 0.5).float()
         return t
+
+
+class CropBuilder(InputBuilder):
+    """Random ``size`` x ``size`` windows of a full-resolution input, each inside the image (no
+    padding) and the same window for the input and its mask; one window per image, drawn from
+    (seed, epoch, batch) so that a resumed run draws what an uninterrupted one would. Its geometry
+    has no padding, so the loss covers the whole window. Only for training: calling it or
+    ``target`` alone has no window to use."""
+
+    def __init__(self, full: InputBuilder, size: int, seed: int):
+        if size > full.geo.resize:
+            raise ValueError(f"a {size} px window does not fit in the {full.geo.resize} px image")
+        super().__init__(full.channels, Geometry(size, size, full.geo.pad_mode))
+        self.full, self.size, self.seed = full, size, int(seed)
+
+    def __call__(self, images, depths):
+        raise TypeError("CropBuilder makes training pairs only: use training_pair")
+
+    target = __call__
+
+    def offsets(self, n: int, key: tuple[int, int]) -> torch.Tensor:
+        """(n, 2) top-left corners (row, column) in the image, uniform over the positions that fit."""
+        state = np.random.SeedSequence([self.seed, *(int(k) for k in key)]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(state))
+        return torch.randint(0, self.full.geo.resize - self.size + 1, (n, 2), generator=g)
+
+    def training_pair(self, images, masks, depths, key=(0, 0)):
+        x, y = self.full(images, depths), self.full.target(masks)
+        b, s = self.full.geo.before, self.size
+        xs, ys = [], []
+        for i, (r, c) in enumerate(self.offsets(len(x), key).tolist()):
+            xs.append(x[i, :, b + r:b + r + s, b + c:b + c + s])
+            ys.append(y[i, :, r:r + s, c:c + s])
+        return torch.stack(xs), torch.stack(ys)
 
 
 def build_augment(a: dict, strict: bool = False, record: bool = False):
