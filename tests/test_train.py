@@ -368,8 +368,9 @@ def test_crop_builder_takes_the_same_random_window_of_image_and_mask():
     many = torch.cat([crop.offsets(1000, (e, 0)) for e in range(20)])  # 20000 windows
     counts = torch.bincount(many.flatten(), minlength=38).float()
     assert len(counts) == 38 and counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
-    with pytest.raises(TypeError, match="training_pair"):
-        crop(img, torch.zeros(n))
+    for alone in (lambda: crop(img, torch.zeros(n)), lambda: crop.target(mask)):
+        with pytest.raises(TypeError, match="training_pair"):
+            alone()
 
 
 def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):

@@ -127,7 +127,8 @@ class CropBuilder(InputBuilder):
     def __call__(self, images, depths):
         raise TypeError("CropBuilder makes training pairs only: use training_pair")
 
-    target = __call__
+    def target(self, masks):
+        raise TypeError("CropBuilder makes training pairs only: use training_pair")
 
     def offsets(self, n: int, key: tuple[int, int]) -> torch.Tensor:
         """(n, 2) top-left corners (row, column) in the image, uniform over the positions that fit."""
