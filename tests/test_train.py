@@ -449,6 +449,11 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
         paired(stored, {**stored, "ids": stored["ids"][::-1]})
     with pytest.raises(UserError, match="different groups of images"):
         paired(stored, {**stored, "nested_method": "tuned on the other half of the held-out images"})
+    # a list of runs is scored as their equal-weight average (bench/ensemble_gain.py): a run with itself is the run
+    from tgs_salt.compare import per_image
+
+    one, two = per_image(run_dir, None), per_image([run_dir, run_dir], None)
+    assert np.array_equal(one[0], two[0]) and np.allclose(one[1], two[1]) and np.allclose(one[2], two[2])
     # a run over other folds cannot be paired
     other = tmp_path / "other"
     (other / "fold0").mkdir(parents=True)

@@ -33,10 +33,13 @@ def bootstrap_interval(diff: np.ndarray, n_boot: int = 10000, seed: int = 0, lev
     return float(lo), float(hi)
 
 
-def per_image(run_dir: Path, data_dir: Path | None):
-    """ids, per-image scores at the default threshold and nested, and the nested method."""
-    cfg, facts = read_run(run_dir)
-    ids, probs, cls, data, rows = oof_with_truth([run_dir], np.array([1.0]), data_dir or Path(facts["data_dir"]))
+def per_image(run_dir: Path | list[Path], data_dir: Path | None):
+    """ids, per-image scores at the default threshold and nested, and the nested method, of a run's
+    OOF predictions (or, given a list of runs, of their equal-weight average: an ensemble)."""
+    runs = [Path(r) for r in run_dir] if isinstance(run_dir, (list, tuple)) else [Path(run_dir)]
+    cfg, facts = read_run(runs[0])
+    ids, probs, cls, data, rows = oof_with_truth(runs, np.full(len(runs), 1 / len(runs)),
+                                                 data_dir or Path(facts["data_dir"]))
     truth = data.masks[rows]
     at_default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)
     groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
