@@ -20,9 +20,10 @@ def hardware() -> dict:
 
     from tgs_salt import hardware as H
 
-    flags = H.cpu_flags()
-    info = {"cpu": H.cpu_name(), "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(flags),
+    flags = H.cpu_flags("")  # all of them; cpu_kind and native_bf16 say what an ISA limit leaves
+    info = {"cpu": H.cpu_name(), "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(),
             "cpu_flags_of_note": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
+            **({"isa_limit": H.isa_limit().upper()} if H.isa_limit() else {}),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():

@@ -103,6 +103,40 @@ def test_cpu_rule_uses_bf16_only_where_native(flags, want):
     assert H.rule_based(AUTO, CPU, flags=flags).name == want
 
 
+AMX = {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}
+
+
+@pytest.mark.parametrize("limit, kind, native", [
+    ("", "AMX bf16", True),
+    ("AVX2", "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX bf16 CPU)", False),
+    ("avx512_core", "AVX-512 (no bf16) (ONEDNN_MAX_CPU_ISA=AVX512_CORE on an AMX bf16 CPU)", False),
+    ("AVX512_CORE_BF16", "AVX-512 bf16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX bf16 CPU)", True),
+    ("AVX512_CORE_AMX", "AMX bf16", True)])
+def test_an_isa_limit_is_what_the_choice_and_the_figures_see(monkeypatch, limit, kind, native):
+    """ONEDNN_MAX_CPU_ISA keeps oneDNN from the CPU's wider units (the way to train like an AVX2-only
+    CPU on a bigger one): bf16 is then emulated, the rule must not pick it, and figures must say so."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert H.cpu_kind(AMX) == kind
+    assert H.cpu_native_bf16(AMX) == native
+    assert H.rule_based(AUTO, CPU, flags=AMX).name == ("bf16" if native else "fp32") + "+channels_last"
+    assert H.cpu_kind({"avx2", "fma"}) == "AVX2 only"  # nothing to hide on an AVX2-only CPU
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", limit)  # oneDNN's older name
+    assert H.cpu_kind(AMX) == kind
+
+
+def test_isa_limit_reaches_the_precision_record(monkeypatch):
+    """What train.py stores in precision.json and the figures print, on this machine."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    flags = H.cpu_flags("")
+    if "avx2" not in flags:
+        pytest.skip("no AVX2 on this CPU")
+    assert "avx512f" not in H.cpu_flags() and not H.cpu_native_bf16()
+    assert H.cpu_kind().startswith("AVX2 only")
+    assert ("on an" in H.cpu_kind()) == ("avx512f" in flags)
+
+
 @pytest.mark.parametrize("cap, dtype", [((6, 0), "float16"), ((7, 0), "float16"), ((7, 5), "float16"),
                                         ((8, 0), "bfloat16"), ((9, 0), "bfloat16"), ((12, 0), "bfloat16")])
 def test_cuda_bf16_from_sm80_else_fp16_with_scaler(cap, dtype):

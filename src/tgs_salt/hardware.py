@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -38,15 +39,46 @@ AUTO = "auto"
 
 # ----------------------------------------------------------------------------- CPU and GPU facts
 
-def cpu_flags() -> set[str]:
+def cpu_flags(limit: str | None = None) -> set[str]:
+    """The CPU's flags as the convolutions see them: those of ``/proc/cpuinfo`` minus what
+    ``ONEDNN_MAX_CPU_ISA`` (``limit``, default: read from the environment) keeps oneDNN from using."""
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    return limited_flags(flags, isa_limit() if limit is None else limit)
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) and the flags of note each one leaves out
+_ISA_DROPS = {
+    "sse41": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"},
+    "avx": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"},
+    "avx2": {"avx512f", "avx512_bf16", "amx_bf16"},
+    "avx2_vnni": {"avx512f", "avx512_bf16", "amx_bf16"},
+    "avx2_vnni_2": {"avx512f", "avx512_bf16", "amx_bf16"},
+    "avx512_core": {"avx512_bf16", "amx_bf16"},
+    "avx512_core_vnni": {"avx512_bf16", "amx_bf16"},
+    "avx512_core_bf16": {"amx_bf16"},
+    "avx512_core_fp16": {"amx_bf16"},
+    "avx10_1_512": {"amx_bf16"},
+}
+
+
+def isa_limit() -> str:
+    """The vector ISA oneDNN (the CPU convolutions) is limited to by ``ONEDNN_MAX_CPU_ISA`` (or its
+    old name ``DNNL_MAX_CPU_ISA``), lower case; "" when not limited. Setting
+    ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` makes a bigger CPU train like an
+    AVX2-only one (bf16 emulated), which is how the AVX2 figures can be checked without one."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+
+
+def limited_flags(flags: set[str], limit: str) -> set[str]:
+    return flags - _ISA_DROPS.get(limit.lower(), set())
 
 
 def cpu_name() -> str:
@@ -63,13 +95,23 @@ def cpu_name() -> str:
 
 
 def cpu_native_bf16(flags: set[str] | None = None) -> bool:
-    flags = cpu_flags() if flags is None else flags
+    """Whether the convolutions run bf16 natively here (under an ISA limit, if any)."""
+    flags = cpu_flags() if flags is None else limited_flags(flags, isa_limit())
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def cpu_kind(flags: set[str] | None = None) -> str:
-    """A short label of the CPU's vector units, for logs and figures."""
-    flags = cpu_flags() if flags is None else flags
+def cpu_kind(flags: set[str] | None = None, limit: str | None = None) -> str:
+    """A short label of the CPU's vector units, for logs and figures: "AVX2 only", "AMX bf16", ...;
+    under an ISA limit that hides some of them (see :func:`isa_limit`), the label of what is left
+    and how, e.g. "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX bf16 CPU)"."""
+    limit = isa_limit() if limit is None else limit
+    flags = cpu_flags("") if flags is None else flags
+    kind = _kind(limited_flags(flags, limit))
+    full = _kind(flags)
+    return kind if kind == full else f"{kind} (ONEDNN_MAX_CPU_ISA={limit.upper()} on an {full} CPU)"
+
+
+def _kind(flags: set[str]) -> str:
     if "amx_bf16" in flags:
         return "AMX bf16"
     if "avx512_bf16" in flags:
