@@ -99,7 +99,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, "fp32+channels_last"),
                                          ({"avx2", "avx512f", "avx512_bf16"}, "bf16+channels_last"),
                                          ({"avx2", "amx_bf16"}, "bf16+channels_last")])
-def test_cpu_rule_uses_bf16_only_where_native(flags, want):
+def test_cpu_rule_uses_bf16_only_where_native(monkeypatch, flags, want):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert H.rule_based(AUTO, CPU, flags=flags).name == want
 
 

@@ -330,6 +330,55 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
         assert z["probs"].shape[1:] == (101, 101)
 
 
+def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, synth_dir, monkeypatch):
+    """train.low_res_validate false (the default): of the low-resolution epochs only the last is
+    validated (their score at full size costs ~20% of such an epoch on CPU); the weights trained are
+    the same either way, the log leaves the fields blank, and the curves plot only what was scored."""
+    from tgs_salt import report
+    from tgs_salt import train as T
+
+    calls = []
+    evaluate = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.6,
+             "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
+    weights, logs = {}, {}
+    for validate in (False, True):
+        cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112},
+                                  train=dict(train, low_res_validate=validate))
+        assert C.low_res_epochs(cfg) == 3
+        calls.clear()
+        run = tmp_path / f"v{validate}"
+        done = train_fold(cfg, 0, run, data, folds, device=torch.device("cpu"))
+        assert len(calls) == (5 if validate else 3) + 1 and done["epochs_run"] == 5  # + the OOF pass
+        weights[validate] = torch.load(run / "fold0" / "best.pt", weights_only=True)["model"]
+        logs[validate] = pd.read_csv(run / "fold0" / "log.csv", keep_default_na=False)
+    blank = logs[False]["val_metric"].astype(str).str.len() == 0
+    assert blank.tolist() == [True, True, False, False, False]
+    assert (logs[False]["val_loss"].astype(str).str.len() == 0).tolist() == blank.tolist()
+    assert not (logs[True]["val_metric"].astype(str).str.len() == 0).any()
+    scored = ~blank
+    assert np.allclose(logs[False]["val_metric"][scored].astype(float), logs[True]["val_metric"][scored].astype(float))
+    assert np.allclose(logs[False]["train_loss"].astype(float), logs[True]["train_loss"].astype(float))
+    for k, v in weights[True].items():
+        assert torch.equal(v, weights[False][k]), k
+    rows = logs[False].astype(str).to_dict("records")
+    report.training_curves(tmp_path / "plots", [("r/fold0", rows), ("empty", [])], "test machine")
+    assert (tmp_path / "plots" / "training_curves.png").stat().st_size > 1000
+
+
+def test_time_plan_counts_unvalidated_low_res_epochs_cheaper():
+    from tgs_salt import budget as B
+
+    c = dict(train_rate=30.0, eval_rate=120.0, n_train=2400, n_val=600, n_test=1000, n_folds=1, n_models=1,
+             tta=True, low_res_rate=90.0, low_res_share=0.5)
+    on, off = B.Costs(**c, low_res_validates=True), B.Costs(**c, low_res_validates=False)
+    assert on.epoch_s == off.epoch_s == 2400 / 30 + 600 / 120 + B.EPOCH_OVERHEAD_S
+    assert on.low_res["relative_cost"] == round((2400 / 90 + 5 + B.EPOCH_OVERHEAD_S) / on.epoch_s, 4)
+    assert off.low_res["relative_cost"] == round((2400 / 90 + B.EPOCH_OVERHEAD_S) / off.epoch_s, 4)
+
+
 def test_low_res_builder_keeps_the_padding_share():
     from tgs_salt.transforms import Geometry, InputBuilder
 

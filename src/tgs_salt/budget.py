@@ -48,10 +48,11 @@ class Costs:
     data_s_per_image: float = 0.0  # augmentation and batching, per training image
     low_res_rate: float | None = None  # training images/s at train.low_res_size (progressive resizing)
     low_res_share: float = 0.0         # the share of the epochs trained at that size
+    low_res_validates: bool = True     # whether those epochs are validated (train.low_res_validate)
 
-    def _epoch_s(self, rate: float) -> float:
+    def _epoch_s(self, rate: float, validate: bool = True) -> float:
         return (self.n_train / rate + self.n_train * self.data_s_per_image
-                + self.n_val / self.eval_rate + EPOCH_OVERHEAD_S)
+                + (self.n_val / self.eval_rate if validate else 0.0) + EPOCH_OVERHEAD_S)
 
     @property
     def epoch_s(self) -> float:
@@ -64,7 +65,8 @@ class Costs:
         costs relative to a full-resolution epoch (None without it)."""
         if not self.low_res_rate or not self.low_res_share:
             return None
-        return {"share": self.low_res_share, "relative_cost": round(self._epoch_s(self.low_res_rate) / self.epoch_s, 4)}
+        low = self._epoch_s(self.low_res_rate, self.low_res_validates)
+        return {"share": self.low_res_share, "relative_cost": round(low / self.epoch_s, 4)}
 
     @property
     def fixed_s(self) -> float:

@@ -74,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
         "low_res_size": None,           # progressive resizing: the first epochs train at this network input size
         "low_res_fraction": 0.5,        # ... for this fraction of the epochs
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
+        "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
+                                        # size, which they do not train at, it took ~20% of such an epoch on CPU)
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -143,6 +145,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "early_stopping"): (int, 1, 1 << 20, True),
     ("train", "time_budget_minutes"): (float, "(0", 1e6, True),
     ("train", "compile"): (bool, None, None, False),
+    ("train", "low_res_validate"): (bool, None, None, False),
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),

@@ -267,42 +267,56 @@ def make_plots(out: Path, run_dirs, sweep, result, probs, truth, images, pred, s
     ax.legend(fontsize=7, loc="lower right")
     fig.text(0.01, -0.04, machine, fontsize=6, color="grey")
     _savefig(fig, out / "empty_decision.png")
-    # training curves: loss stages shaded, learning rate, best epoch
     logs = []
     for r in run_dirs:
         for f in sorted(Path(r).glob("fold*/log.csv")):
             with open(f, newline="") as fh:
                 logs.append((f"{Path(r).name}/{f.parent.name}", list(csv.DictReader(fh))))
-    if logs:
-        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-        for name, rows in logs:
-            if not rows:
-                continue
-            e = [int(x["epoch"]) + 1 for x in rows]
-            axes[0].plot(e, [float(x["train_loss"]) for x in rows], label=name)
-            axes[1].plot(e, [float(x["val_loss"]) for x in rows], label=name)
-            m = [float(x["val_metric"]) for x in rows]
-            line, = axes[2].plot(e, m, label=name)
-            b = int(np.argmax(m))
-            axes[2].plot([e[b]], [m[b]], "*", color=line.get_color(), ms=12)
-            axes[2].annotate(f"best {m[b]:.3f} (epoch {e[b]})", (e[b], m[b]), fontsize=7,
-                             textcoords="offset points", xytext=(-40, 8))
-            axes[3].plot(e, [float(x["lr"]) for x in rows], label=name)
-            # stage switches (e.g. to Lovasz, whose loss is on another scale: a jump, not divergence)
-            for k in range(1, len(rows)):
-                if rows[k]["stage"] != rows[k - 1]["stage"]:
-                    for ax in axes:
-                        ax.axvline(e[k] - 0.5, color="grey", ls="--", lw=0.8)
-                    axes[0].text(e[k] - 0.4, axes[0].get_ylim()[1], f" {rows[k]['loss_name']}", fontsize=7,
-                                 va="top", color="grey")
-        for ax, t in zip(axes, ["train loss (dashed: loss stage switch)", "validation loss",
-                                "validation metric (threshold 0.5; * best epoch)", "learning rate"]):
-            ax.set(title=t, xlabel="epoch")
-        axes[3].set_yscale("log")
-        axes[2].legend(fontsize=7)
-        fig.text(0.01, -0.04, machine, fontsize=7, color="grey")
-        _savefig(fig, out / "training_curves.png")
+    training_curves(out, logs, machine)
     _worst_predictions(out, images, truth, pred, scores, ids, machine)
+
+
+def training_curves(out: Path, logs: list[tuple[str, list[dict]]], machine: str) -> None:
+    """training_curves.png from the folds' log.csv rows (name, rows): losses, validation metric with
+    the best epoch, learning rate, loss-stage switches. Epochs that were not validated (blank
+    validation fields: low-resolution ones, ``train.low_res_validate``) get no point."""
+    if not logs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for name, rows in logs:
+        if not rows:
+            continue
+        e = [int(x["epoch"]) + 1 for x in rows]
+        axes[0].plot(e, [float(x["train_loss"]) for x in rows], label=name)
+        v = [(k, float(x["val_loss"]), float(x["val_metric"])) for k, x in zip(e, rows) if x["val_metric"]]
+        ev, m = [k for k, _, _ in v], [x for _, _, x in v]
+        axes[1].plot(ev, [x for _, x, _ in v], ".-" if len(v) < len(rows) else "-", label=name)
+        line, = axes[2].plot(ev, m, ".-" if len(v) < len(rows) else "-", label=name)
+        if m:
+            b = int(np.argmax(m))
+            axes[2].plot([ev[b]], [m[b]], "*", color=line.get_color(), ms=12)
+            axes[2].annotate(f"best {m[b]:.3f} (epoch {ev[b]})", (ev[b], m[b]), fontsize=7,
+                             textcoords="offset points", xytext=(-40, 8))
+        axes[3].plot(e, [float(x["lr"]) for x in rows], label=name)
+        # stage switches (e.g. to Lovasz, whose loss is on another scale: a jump, not divergence)
+        for k in range(1, len(rows)):
+            if rows[k]["stage"] != rows[k - 1]["stage"]:
+                for ax in axes:
+                    ax.axvline(e[k] - 0.5, color="grey", ls="--", lw=0.8)
+                axes[0].text(e[k] - 0.4, axes[0].get_ylim()[1], f" {rows[k]['loss_name']}", fontsize=7,
+                             va="top", color="grey")
+    for ax, t in zip(axes, ["train loss (dashed: loss stage switch)", "validation loss",
+                            "validation metric (threshold 0.5; * best epoch)", "learning rate"]):
+        ax.set(title=t, xlabel="epoch")
+    axes[3].set_yscale("log")
+    axes[2].legend(fontsize=7)
+    fig.text(0.01, -0.04, machine, fontsize=7, color="grey")
+    _savefig(fig, out / "training_curves.png")
 
 
 def _overlay(ax, image, truth, pred, title):

@@ -478,19 +478,28 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         sync_buffers(model, ctx)
         if state.ema is not None:
             sync_buffers(state.ema.module, ctx)
-        val_loss, metric, iou, order, val_probs, val_cls = evaluate(state.eval_model, builder, data, val_idx,
-                                                                    device, cfg, precision, loss_fn, ctx)
-        improved, state.best_metric, state.since_best = observe(metric, state.best_metric, state.since_best)
-        if improved:
-            state.best_epoch = epoch
-        state.lrc.observe(metric)
+        # a low-resolution epoch is scored at full size, which it does not train at: only the phase's
+        # last one is validated unless train.low_res_validate (the time is spent on training instead)
+        validated = not low_res or t["low_res_validate"] or epoch + 1 >= C.low_res_epochs(cfg)
+        improved, val_loss, metric, iou = False, math.nan, math.nan, math.nan
+        if validated:
+            val_loss, metric, iou, order, val_probs, val_cls = evaluate(state.eval_model, builder, data, val_idx,
+                                                                        device, cfg, precision, loss_fn, ctx)
+            improved, state.best_metric, state.since_best = observe(metric, state.best_metric, state.since_best)
+            if improved:
+                state.best_epoch = epoch
+            state.lrc.observe(metric)
+
+        def fmt(v: float, validated=validated) -> str:
+            return f"{v:.5f}" if validated else ""
+
         log_rows.append({"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
-                         "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": f"{val_loss:.5f}",
-                         "val_metric": f"{metric:.5f}", "val_iou": f"{iou:.5f}",
+                         "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": fmt(val_loss),
+                         "val_metric": fmt(metric), "val_iou": fmt(iou),
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
                          "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}",
                          "input_px": (low_builder if low_res else builder).geo.pad_to})
-        if tb.writer is not None:  # the masks the metric saw
+        if tb.writer is not None and validated:  # the masks the metric saw
             tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
                      apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
         if calibrate is not None and start_epoch == 0:
@@ -510,9 +519,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                         keep=improved if t["select"] == "best" else True)
             epoch_times.append(time.time() - t0)
             left = (C.total_epochs(cfg) - state.epoch) * float(np.mean(epoch_times[-5:]))
-            log.info("fold %d epoch %d/%d %s: train %.4f val %.4f metric %.4f iou %.4f (best %.4f) %.0fs, "
-                     "%.1f img/s; fold ETA %s", fold, epoch + 1, C.total_epochs(cfg), loss_name,
-                     loss_sum / max(seen, 1), val_loss, metric, iou, state.best_metric, epoch_times[-1],
+            scored = (f"val {val_loss:.4f} metric {metric:.4f} iou {iou:.4f} (best {state.best_metric:.4f})"
+                      if validated else f"not validated ({t['low_res_size']} px epoch; train.low_res_validate)")
+            log.info("fold %d epoch %d/%d %s: train %.4f %s %.0fs, %.1f img/s; fold ETA %s", fold, epoch + 1,
+                     C.total_epochs(cfg), loss_name, loss_sum / max(seen, 1), scored, epoch_times[-1],
                      seen / max(train_seconds, 1e-9), _clock(time.time() + left))
         barrier(ctx)
 
@@ -742,7 +752,8 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
                     n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
                     tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
                     low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
-                    low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0)
+                    low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0,
+                    low_res_validates=cfg["train"]["low_res_validate"])
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
     plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
