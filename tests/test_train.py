@@ -371,8 +371,8 @@ def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, 
 def test_time_plan_counts_unvalidated_low_res_epochs_cheaper():
     from tgs_salt import budget as B
 
-    c = dict(train_rate=30.0, eval_rate=120.0, n_train=2400, n_val=600, n_test=1000, n_folds=1, n_models=1,
-             tta=True, low_res_rate=90.0, low_res_share=0.5)
+    c = {"train_rate": 30.0, "eval_rate": 120.0, "n_train": 2400, "n_val": 600, "n_test": 1000, "n_folds": 1,
+         "n_models": 1, "tta": True, "low_res_rate": 90.0, "low_res_share": 0.5}
     on, off = B.Costs(**c, low_res_validates=True), B.Costs(**c, low_res_validates=False)
     assert on.epoch_s == off.epoch_s == 2400 / 30 + 600 / 120 + B.EPOCH_OVERHEAD_S
     assert on.low_res["relative_cost"] == round((2400 / 90 + 5 + B.EPOCH_OVERHEAD_S) / on.epoch_s, 4)
