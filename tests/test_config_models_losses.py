@@ -150,7 +150,7 @@ def test_ema_averages_weights_and_copies_counters():
     # the decay warms up, then holds
     assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.5 and decays == sorted(decays)
     # the average trails the weights (which moved +1 per step) by decay / (1 - decay) = 1 step
-    lag = [float((p - e).mean()) for p, e in zip(model.parameters(), ema.module.parameters(), strict=True)]
+    lag = [float((p.detach() - e).mean()) for p, e in zip(model.parameters(), ema.module.parameters(), strict=True)]
     assert all(0.9 < v < 1.1 for v in lag), lag
     assert all(float((e - s).mean()) > 30 for e, s in zip(ema.module.parameters(), start, strict=True))
     assert int(ema.module[1].num_batches_tracked) == 50
