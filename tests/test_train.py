@@ -549,6 +549,14 @@ def test_tensorboard_optional(tmp_path, synth_dir, monkeypatch):
     assert sum(c[:3] == ("scalar", "val_metric", 2) for c in calls) == 1
     images = [c for c in calls if c[0] == "images"]
     assert len(images) == 2 and images[0][2] == (8, 3, 101, 101) and 0 <= images[0][3] and images[0][4] <= 1
+    # an epoch that was not validated (train.low_res_validate): its scalars, no blanks, no grid
+    from tgs_salt.tensorboard import TensorBoard
+
+    calls.clear()
+    tb = TensorBoard(tmp_path / "tb", True)
+    tb.epoch(0, {"train_loss": "0.5", "val_loss": "", "val_metric": "", "val_iou": "", "lr": "1e-3"})
+    assert [c[1] for c in calls if c[0] == "scalar"] == ["train_loss", "lr"]
+    assert not [c for c in calls if c[0] == "images"]
     # asked for without the package: a clear error before any training
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UserError, match="pip install tensorboard"):

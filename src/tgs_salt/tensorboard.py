@@ -40,13 +40,18 @@ class TensorBoard:
                             "pip install tensorboard (or pip install -e '.[tensorboard]'), or set it to false") from None
         self.writer = SummaryWriter(str(log_dir))
 
-    def epoch(self, epoch: int, row: dict, images: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
-        """The row's scalars and the worst of the binary predictions ``pred``."""
+    def epoch(self, epoch: int, row: dict, images: np.ndarray | None = None, truth: np.ndarray | None = None,
+              pred: np.ndarray | None = None) -> None:
+        """The row's scalars (blank ones, of an epoch not validated, skipped) and the worst of the
+        binary predictions ``pred`` (when given)."""
         if self.writer is None:
             return
         for k in SCALARS:
-            if k in row:
+            if row.get(k) not in (None, ""):
                 self.writer.add_scalar(k, float(row[k]), epoch + 1)
+        if pred is None:
+            self.writer.flush()
+            return
         self.writer.add_images("worst_validation_predictions",
                                worst_grid(images, truth, pred, per_image_scores(pred, truth)), epoch + 1,
                                dataformats="NCHW")

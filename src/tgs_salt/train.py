@@ -499,7 +499,9 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
                          "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}",
                          "input_px": (low_builder if low_res else builder).geo.pad_to})
-        if tb.writer is not None and validated:  # the masks the metric saw
+        if tb.writer is not None and not validated:
+            tb.epoch(epoch, log_rows[-1])
+        elif tb.writer is not None:  # the masks the metric saw
             tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
                      apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
         if calibrate is not None and start_epoch == 0:
