@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import precision as bench_precision
 from common import save
 
 from tgs_salt import hardware as H
@@ -62,14 +63,7 @@ def main():
     full = InputBuilder.from_config(cfg)
     model = build_model(dict(cfg["model"], encoder_weights=None), full.n_channels)
     loss_fn = get_loss(t["stages"][0]["loss"])
-    if a.precision:
-        dtype, _, layout = a.precision.partition("+")
-        precision = H.Precision({"fp32": None, "bf16": "bfloat16"}[dtype], layout == "channels_last")
-    else:
-        g = full.geo
-        x = torch.randn(batch, full.n_channels, g.pad_to, g.pad_to)
-        y = (torch.rand(batch, 1, g.resize, g.resize) > 0.5).float()
-        precision = H.choose(t, device, H.make_step_timer(model, x, y, loss_fn, g.crop, device), batch, None)
+    precision = bench_precision(cfg, device, a.precision)
     model = model.to(memory_format=precision.memory_format).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = EMA(model, t["ema"]) if t["ema"] else None

@@ -17,6 +17,7 @@ import copy
 import time
 
 import torch
+from common import precision as bench_precision
 from common import save
 
 from tgs_salt import hardware as H
@@ -72,18 +73,7 @@ def main():
         p.error("give at least one --variant NAME KEY=VALUE ...")
     device = torch.device(a.device)
     base = load_config(a.config)
-    batch = base["train"]["batch_size"]
-    if a.precision:
-        dtype, _, layout = a.precision.partition("+")
-        precision = H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
-    else:
-        builder = InputBuilder.from_config(base)
-        g = builder.geo
-        model = build_model(dict(base["model"], encoder_weights=None), builder.n_channels)
-        x = torch.randn(batch, builder.n_channels, g.pad_to, g.pad_to, device=device)
-        y = (torch.rand(batch, 1, g.resize, g.resize, device=device) > 0.5).float()
-        timer = H.make_step_timer(model.to(device), x, y, get_loss(base["train"]["stages"][0]["loss"]), g.crop, device)
-        precision = H.choose(base["train"], device, timer, batch, None)
+    precision = bench_precision(base, device, a.precision)
     cfgs = {a.config: base}
     for name, *sets in a.variant:
         cfgs[name] = load_config(a.config, sets)

@@ -20,10 +20,10 @@ def hardware() -> dict:
 
     from tgs_salt import hardware as H
 
-    flags = H.cpu_flags("")  # all of them; cpu_kind and native_bf16 say what an ISA limit leaves
+    flags, limit = H.cpu_flags(""), H.isa_limit()  # all flags; cpu_kind and native_bf16 say what a limit leaves
     info = {"cpu": H.cpu_name(), "cpu_kind": H.cpu_kind(flags), "native_bf16": H.cpu_native_bf16(),
             "cpu_flags_of_note": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
-            **({"isa_limit": H.isa_limit().upper()} if H.isa_limit() else {}),
+            **({"isa_limit": limit.upper()} if limit else {}),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
@@ -39,3 +39,26 @@ def save(name: str, result: dict, echo: bool = True) -> Path:
     if echo:
         print(json.dumps(result, indent=2))
     return path
+
+
+def precision(cfg: dict, device, text: str | None = None):
+    """The precision to time a config's training step in: ``text`` (e.g. "bf16+NCHW",
+    "fp32+channels_last") when given, else the training probe's choice for the config on this machine."""
+    import torch
+
+    from tgs_salt import hardware as H
+    from tgs_salt.losses import get_loss
+    from tgs_salt.models import build_model
+    from tgs_salt.transforms import InputBuilder
+
+    if text:
+        dtype, _, layout = text.partition("+")
+        return H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
+    batch = cfg["train"]["batch_size"]
+    builder = InputBuilder.from_config(cfg)
+    g = builder.geo
+    model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
+    x = torch.randn(batch, builder.n_channels, g.pad_to, g.pad_to, device=device)
+    y = (torch.rand(batch, 1, g.resize, g.resize, device=device) > 0.5).float()
+    timer = H.make_step_timer(model.to(device), x, y, get_loss(cfg["train"]["stages"][0]["loss"]), g.crop, device)
+    return H.choose(cfg["train"], device, timer, batch, None)

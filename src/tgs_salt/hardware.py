@@ -100,11 +100,11 @@ def cpu_native_bf16(flags: set[str] | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def cpu_kind(flags: set[str] | None = None, limit: str | None = None) -> str:
+def cpu_kind(flags: set[str] | None = None) -> str:
     """A short label of the CPU's vector units, for logs and figures: "AVX2 only", "AMX bf16", ...;
     under an ISA limit that hides some of them (see :func:`isa_limit`), the label of what is left
     and how, e.g. "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX bf16 CPU)"."""
-    limit = isa_limit() if limit is None else limit
+    limit = isa_limit()
     flags = cpu_flags("") if flags is None else flags
     kind = _kind(limited_flags(flags, limit))
     full = _kind(flags)

@@ -295,8 +295,9 @@ def training_curves(out: Path, logs: list[tuple[str, list[dict]]], machine: str)
         axes[0].plot(e, [float(x["train_loss"]) for x in rows], label=name)
         v = [(k, float(x["val_loss"]), float(x["val_metric"])) for k, x in zip(e, rows) if x["val_metric"]]
         ev, m = [k for k, _, _ in v], [x for _, _, x in v]
-        axes[1].plot(ev, [x for _, x, _ in v], ".-" if len(v) < len(rows) else "-", label=name)
-        line, = axes[2].plot(ev, m, ".-" if len(v) < len(rows) else "-", label=name)
+        style = ".-" if len(v) < len(rows) else "-"  # points where epochs were skipped
+        axes[1].plot(ev, [x for _, x, _ in v], style, label=name)
+        line, = axes[2].plot(ev, m, style, label=name)
         if m:
             b = int(np.argmax(m))
             axes[2].plot([ev[b]], [m[b]], "*", color=line.get_color(), ms=12)

@@ -489,21 +489,17 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             if improved:
                 state.best_epoch = epoch
             state.lrc.observe(metric)
-
-        def fmt(v: float, validated=validated) -> str:
-            return f"{v:.5f}" if validated else ""
-
+        scores = {"val_loss": val_loss, "val_metric": metric, "val_iou": iou}
         log_rows.append({"epoch": epoch, "stage": stage, "loss_name": loss_name, "lr": f"{lr:.3e}",
-                         "train_loss": f"{loss_sum / max(seen, 1):.5f}", "val_loss": fmt(val_loss),
-                         "val_metric": fmt(metric), "val_iou": fmt(iou),
+                         "train_loss": f"{loss_sum / max(seen, 1):.5f}",
+                         **{k: f"{v:.5f}" if validated else "" for k, v in scores.items()},
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
                          "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}",
                          "input_px": (low_builder if low_res else builder).geo.pad_to})
-        if tb.writer is not None and not validated:
-            tb.epoch(epoch, log_rows[-1])
-        elif tb.writer is not None:  # the masks the metric saw
-            tb.epoch(epoch, log_rows[-1], data.images[order], data.masks[order],
-                     apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls))
+        if tb.writer is not None:  # with the masks the metric saw, when it scored this epoch
+            seen_masks = (data.images[order], data.masks[order],
+                          apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls)) if validated else ()
+            tb.epoch(epoch, log_rows[-1], *seen_masks)
         if calibrate is not None and start_epoch == 0:
             cfg = _recalibrate(cfg, calibrate(epoch + 1, time.time() - t0, low_res) if ctx.is_main else None,
                                state, ctx)
