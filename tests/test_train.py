@@ -12,7 +12,7 @@ from tgs_salt import losses
 from tgs_salt.data import load_train
 from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
 from tgs_salt.errors import UserError
-from tgs_salt.train import TrainingError, next_epoch, observe, train_fold
+from tgs_salt.train import TrainingError, next_epoch, observe, time_left, train_fold
 
 # ----------------------------------------------------------------------------- folds
 
@@ -328,6 +328,17 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
     assert log["input_px"].tolist() == [64, 64, 112, 112, 112]
     with np.load(tmp_path / "r" / "fold0" / "oof.npz") as z:
         assert z["probs"].shape[1:] == (101, 101)
+
+
+def test_fold_eta_counts_low_res_and_full_size_epochs_apart():
+    """The fold ETA of progressive resizing: the cheap low-res epochs do not set the pace of the
+    full-size ones (it read 30 min early in a real run); a kind not seen yet is scaled by pixels."""
+    low_only = {True: [30.0, 32.0], False: []}
+    assert time_left(low_only, 2, 10, 0.25) == pytest.approx(2 * 31 + 10 * 124)
+    both = {True: [30.0] * 3, False: [100.0, 90.0, 80.0, 70.0, 60.0, 50.0]}  # the last five full ones
+    assert time_left(both, 0, 4, 0.25) == pytest.approx(4 * 70)
+    assert time_left({True: [], False: [80.0]}, 3, 1, 0.5) == pytest.approx(3 * 40 + 80)
+    assert time_left({True: [], False: [80.0]}, 0, 0, 1.0) == 0
 
 
 def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, synth_dir, monkeypatch):

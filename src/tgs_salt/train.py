@@ -444,7 +444,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     start_epoch = state.epoch
     loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx, pseudo)
 
-    t_fold, epoch_times = time.time(), []
+    t_fold, epoch_times = time.time(), {True: [], False: []}  # seconds of the low-res and the full-size epochs
     went_full = any(str(r.get("input_px")) == str(builder.geo.pad_to) for r in log_rows)
     tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
     while state.epoch < C.total_epochs(cfg):
@@ -515,12 +515,14 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             _write_log(rd.log(fold), log_rows)
             _checkpoint(state, cfg, fold, rd, device, precision, metric, epoch,
                         keep=improved if t["select"] == "best" else True)
-            epoch_times.append(time.time() - t0)
-            left = (C.total_epochs(cfg) - state.epoch) * float(np.mean(epoch_times[-5:]))
+            epoch_times[low_res].append(time.time() - t0)
+            low_left = max(C.low_res_epochs(cfg) - state.epoch, 0) if low_res else 0
+            left = time_left(epoch_times, low_left, C.total_epochs(cfg) - state.epoch - low_left,
+                             (low_builder.geo.pad_to / builder.geo.pad_to) ** 2 if low_builder else 1.0)
             scored = (f"val {val_loss:.4f} metric {metric:.4f} iou {iou:.4f} (best {state.best_metric:.4f})"
                       if validated else f"not validated ({t['low_res_size']} px epoch; train.low_res_validate)")
             log.info("fold %d epoch %d/%d %s: train %.4f %s %.0fs, %.1f img/s; fold ETA %s", fold, epoch + 1,
-                     C.total_epochs(cfg), loss_name, loss_sum / max(seen, 1), scored, epoch_times[-1],
+                     C.total_epochs(cfg), loss_name, loss_sum / max(seen, 1), scored, epoch_times[low_res][-1],
                      seen / max(train_seconds, 1e-9), _clock(time.time() + left))
         barrier(ctx)
 
@@ -567,6 +569,16 @@ def _checkpoint(state: TrainState, cfg: dict, fold: int, rd: RunDir, device, pre
                          "metric": metric, "device_type": device.type, "precision": precision.to_dict()},
                         rd.best(fold))
     save_checkpoint({**state.state_dict(), "config": cfg, "fold": fold}, rd.last(fold))
+
+
+def time_left(epoch_times: dict[bool, list[float]], low_left: int, full_left: int, pixel_ratio: float) -> float:
+    """Seconds of ``low_left`` more low-resolution and ``full_left`` more full-size epochs, from the
+    last five epochs of each kind (``epoch_times[low_res]``); a kind not seen yet is the other one
+    scaled by the pixel count (``pixel_ratio``: low-res pixels over full-size ones)."""
+    low, full = (float(np.mean(epoch_times[k][-5:])) if epoch_times[k] else None for k in (True, False))
+    low = low if low is not None else full * pixel_ratio
+    full = full if full is not None else low / pixel_ratio
+    return low_left * low + full_left * full
 
 
 def _clock(ts: float) -> str:
