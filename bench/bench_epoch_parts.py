@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import kind_tag, save
 from common import precision as bench_precision
-from common import save
 
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
@@ -131,8 +131,7 @@ def main():
         train_s = n_train / r["train_img_per_s"]
         r["epoch_of_2400_images_s"] = round(train_s + t_val + t_save, 1)
         r["validation_share_of_epoch"] = round(t_val / (train_s + t_val + t_save), 3)
-    kind = H.cpu_kind().split()[0].lower().replace("-", "")
-    save(f"epoch_parts_cpu_{cfg['name']}_{kind}", result)
+    save(f"epoch_parts_cpu_{cfg['name']}_{kind_tag()}", result)
 
 
 if __name__ == "__main__":

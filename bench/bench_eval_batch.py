@@ -15,8 +15,8 @@ import time
 
 import torch
 from bench_epoch_parts import load_data
+from common import kind_tag, save
 from common import precision as bench_precision
-from common import save
 
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
@@ -63,8 +63,7 @@ def main():
         top = max(rates.values())
         result[name] = {str(b): {"img_per_s": round(v, 1), "ratio_to_fastest": round(v / top, 3)}
                         for b, v in rates.items()}
-    kind = H.cpu_kind().split()[0].lower().replace("-", "")
-    save(f"eval_batch_cpu_{cfg['name']}_{kind}", result)
+    save(f"eval_batch_cpu_{cfg['name']}_{kind_tag()}", result)
 
 
 if __name__ == "__main__":

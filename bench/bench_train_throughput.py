@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import save
+from common import kind_tag, save
 
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
@@ -97,9 +97,8 @@ def main():
                            "vs_fastest": round(v / best, 3)} for k, v in rates.items()},
         "auto_choice": choice.name, "auto_vs_fastest": round(rates[choice.name] / best, 3),
     }
-    kind = H.cpu_kind().split()[0].lower().replace("-", "") if device.type == "cpu" else "gpu"
     tag = f"_{a.tag}" if a.tag else ""
-    save(f"train_throughput_{device.type}_{cfg['name']}{tag}_{kind}", result)
+    save(f"train_throughput_{device.type}_{cfg['name']}{tag}_{kind_tag(device.type)}", result)
 
 
 if __name__ == "__main__":

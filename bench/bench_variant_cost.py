@@ -17,8 +17,8 @@ import copy
 import time
 
 import torch
+from common import kind_tag, save
 from common import precision as bench_precision
-from common import save
 
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
@@ -97,8 +97,7 @@ def main():
                             "cost_vs_config": round(ref / med[name], 3)}
                      for name, sets in [(a.config, [])] + [(v[0], v[1:]) for v in a.variant]},
     }
-    kind = H.cpu_kind().split()[0].lower().replace("-", "") if device.type == "cpu" else "gpu"
-    save(f"variant_cost_{device.type}_{base['name']}_{kind}", result)
+    save(f"variant_cost_{device.type}_{base['name']}_{kind_tag(device.type)}", result)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def hardware() -> dict:
     return info
 
 
+def kind_tag(device_type: str = "cpu") -> str:
+    """The end of a result file's name: the CPU kind's first word ("avx2", "avx512", "amx") or "gpu"."""
+    from tgs_salt import hardware as H
+
+    return H.cpu_kind().split()[0].lower().replace("-", "") if device_type == "cpu" else "gpu"
+
+
 def save(name: str, result: dict, echo: bool = True) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"hardware": hardware(), **result}
