@@ -48,6 +48,8 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"low_res_size": 128}}, "below input.pad_to"),
     ({"train": {"low_res_fraction": 1.5}}, "train.low_res_fraction"),
     ({"train": {"low_res_mode": "zoom"}}, "train.low_res_mode"),
+    ({"train": {"val_every": 0}}, "train.val_every = 0"),
+    ({"train": {"val_every": 1.5}}, "train.val_every"),
     ({"input": {"resize": 101, "pad_to": 160}, "train": {"low_res_size": 128, "low_res_mode": "crop"}},
      "the window must fit in the 101 px image"),
 ])

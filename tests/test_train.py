@@ -379,6 +379,76 @@ def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, 
     assert (tmp_path / "plots" / "training_curves.png").stat().st_size > 1000
 
 
+def test_val_every_validates_every_nth_full_size_epoch_back_from_the_last(tmp_path, synth_dir, monkeypatch):
+    """train.val_every n: of the full-size epochs every n-th is validated, counted back from the last
+    (always validated; the low-res rule is unchanged). The weights trained are the same as with
+    every epoch validated; the time plan's calibration gets each epoch at its average cost: a
+    validated epoch less than it took, an unvalidated one more (here validation takes >= 1 s)."""
+    import time
+
+    from tgs_salt import train as T
+
+    calls = []
+    evaluate = T.evaluate
+
+    def slow_evaluate(*a, **k):
+        calls.append(1)
+        time.sleep(1.0)
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", slow_evaluate)
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.25,
+             "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 8}]}
+    weights, logs, seconds = {}, {}, {}
+    for every in (1, 3):
+        cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112},
+                                  train=dict(train, val_every=every))
+        assert C.low_res_epochs(cfg) == 2
+        calls.clear()
+        got = []
+        run = tmp_path / f"e{every}"
+        done = train_fold(cfg, 0, run, data, folds, device=torch.device("cpu"),
+                          calibrate=lambda n, s, low, got=got: got.append(s))
+        weights[every] = torch.load(run / "fold0" / "best.pt", weights_only=True)["model"]
+        logs[every] = pd.read_csv(run / "fold0" / "log.csv", keep_default_na=False)
+        seconds[every] = np.array(got) - logs[every]["seconds"].astype(float).to_numpy()
+        assert done["epochs_run"] == 8 and len(calls) == logs[every]["val_metric"].astype(str).str.len().gt(0).sum() + 1
+    validated = logs[3]["val_metric"].astype(str).str.len() > 0
+    # epochs 0-1 at 64 px (the last validated), 2-7 at full size: 7, 4 counted back from the last
+    assert validated.tolist() == [False, True, False, False, True, False, False, True]
+    assert (logs[1]["val_metric"].astype(str).str.len() > 0).tolist() == [False, True] + [True] * 6
+    assert np.allclose(logs[3]["val_metric"][validated].astype(float), logs[1]["val_metric"][validated].astype(float))
+    for k, v in weights[1].items():
+        assert torch.equal(v, weights[3][k]), k
+    assert np.abs(seconds[1]).max() < 0.1  # every epoch validated: the seconds as taken (rounded to 0.1 in the log)
+    # full-size epochs from the first validated one (epoch 4) on: validated ones count 1/3 of a validation
+    assert (seconds[3][[4, 7]] < -0.5).all() and (seconds[3][[5, 6]] > 0.25).all()
+    assert np.abs(seconds[3][:4]).max() < 0.1  # low-res epochs, and full-size ones before any validation
+
+
+def test_amortized_epoch_seconds():
+    from tgs_salt.train import amortized_epoch_s
+
+    assert amortized_epoch_s(100.0, 9.0, [9.0], 1) == 100.0
+    assert amortized_epoch_s(100.0, 9.0, [], 3) == 100.0
+    assert amortized_epoch_s(100.0, 9.0, [6.0, 9.0], 3) == pytest.approx(91 + 7.5 / 3)
+    assert amortized_epoch_s(91.0, 0.0, [1.0, 6.0, 9.0, 12.0], 3) == pytest.approx(91 + 9 / 3)
+
+
+def test_time_plan_counts_a_full_size_epoch_at_its_share_of_validation():
+    from tgs_salt import budget as B
+
+    c = {"train_rate": 30.0, "eval_rate": 120.0, "n_train": 2400, "n_val": 600, "n_test": 1000, "n_folds": 1,
+         "n_models": 1, "tta": True, "low_res_rate": 90.0, "low_res_share": 0.5, "low_res_validates": False}
+    one, five = B.Costs(**c), B.Costs(**c, val_every=5)
+    assert one.epoch_s == 2400 / 30 + 600 / 120 + B.EPOCH_OVERHEAD_S
+    assert five.epoch_s == pytest.approx(2400 / 30 + 600 / 120 / 5 + B.EPOCH_OVERHEAD_S)
+    assert five.low_res["relative_cost"] == round((2400 / 90 + B.EPOCH_OVERHEAD_S) / five.epoch_s, 4)
+    more = B.plan_epochs(3600, 60, five, [60])["epochs"][0]
+    assert more > B.plan_epochs(3600, 60, one, [60])["epochs"][0]
+
+
 def test_time_plan_counts_unvalidated_low_res_epochs_cheaper():
     from tgs_salt import budget as B
 

@@ -49,15 +49,17 @@ class Costs:
     low_res_rate: float | None = None  # training images/s at train.low_res_size (progressive resizing)
     low_res_share: float = 0.0         # the share of the epochs trained at that size
     low_res_validates: bool = True     # whether those epochs are validated (train.low_res_validate)
+    val_every: int = 1                 # a full-resolution epoch is validated every n-th (train.val_every)
 
-    def _epoch_s(self, rate: float, validate: bool = True) -> float:
+    def _epoch_s(self, rate: float, validate: float = 1.0) -> float:
+        """An epoch at ``rate`` training images/s, with the share ``validate`` of a validation."""
         return (self.n_train / rate + self.n_train * self.data_s_per_image
-                + (self.n_val / self.eval_rate if validate else 0.0) + EPOCH_OVERHEAD_S)
+                + validate * self.n_val / self.eval_rate + EPOCH_OVERHEAD_S)
 
     @property
     def epoch_s(self) -> float:
-        """A full-resolution epoch (validation included)."""
-        return self._epoch_s(self.train_rate)
+        """A full-resolution epoch, with its share of validation (all of one unless train.val_every)."""
+        return self._epoch_s(self.train_rate, 1.0 / max(self.val_every, 1))
 
     @property
     def low_res(self) -> dict | None:
@@ -65,7 +67,7 @@ class Costs:
         costs relative to a full-resolution epoch (None without it)."""
         if not self.low_res_rate or not self.low_res_share:
             return None
-        low = self._epoch_s(self.low_res_rate, self.low_res_validates)
+        low = self._epoch_s(self.low_res_rate, float(self.low_res_validates))
         return {"share": self.low_res_share, "relative_cost": round(low / self.epoch_s, 4)}
 
     @property

@@ -76,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
         "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
+        "val_every": 1,                 # validate every n-th full-size epoch, counted back from the last (always
+                                        # validated); select: best, early stopping and the plateau schedule see only those
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -146,6 +148,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "time_budget_minutes"): (float, "(0", 1e6, True),
     ("train", "compile"): (bool, None, None, False),
     ("train", "low_res_validate"): (bool, None, None, False),
+    ("train", "val_every"): (int, 1, 1000, False),
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),
@@ -362,6 +365,16 @@ def low_res_epochs(cfg: dict) -> int:
     """How many of the first epochs train at ``train.low_res_size`` (progressive resizing)."""
     t = cfg["train"]
     return 0 if t["low_res_size"] is None else low_res_count(t["low_res_fraction"], total_epochs(cfg))
+
+
+def validates_epoch(cfg: dict, epoch: int, low_res: bool) -> bool:
+    """Whether epoch ``epoch`` (0-based) is validated: of the low-resolution epochs only the last unless
+    ``train.low_res_validate``; of the full-size ones every ``train.val_every``-th counted back from the
+    fold's last epoch, which is always validated (with the plan's current number of epochs)."""
+    t = cfg["train"]
+    if low_res:
+        return bool(t["low_res_validate"]) or epoch + 1 >= low_res_epochs(cfg)
+    return (total_epochs(cfg) - 1 - epoch) % int(t["val_every"]) == 0
 
 
 def dump(cfg: dict) -> str:

@@ -445,6 +445,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx, pseudo)
 
     t_fold, epoch_times = time.time(), {True: [], False: []}  # seconds of the low-res and the full-size epochs
+    val_times: list[float] = []  # seconds of each full-size epoch's validation
     went_full = any(str(r.get("input_px")) == str(builder.geo.pad_to) for r in log_rows)
     tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
     while state.epoch < C.total_epochs(cfg):
@@ -479,12 +480,17 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         if state.ema is not None:
             sync_buffers(state.ema.module, ctx)
         # a low-resolution epoch is scored at full size, which it does not train at: only the phase's
-        # last one is validated unless train.low_res_validate (the time is spent on training instead)
-        validated = not low_res or t["low_res_validate"] or epoch + 1 >= C.low_res_epochs(cfg)
-        improved, val_loss, metric, iou = False, math.nan, math.nan, math.nan
+        # last one is validated unless train.low_res_validate; a full-size one every train.val_every-th
+        # (the time is spent on training instead)
+        validated = C.validates_epoch(cfg, epoch, low_res)
+        improved, val_loss, metric, iou, val_s = False, math.nan, math.nan, math.nan, 0.0
         if validated:
+            t_val = time.time()
             val_loss, metric, iou, order, val_probs, val_cls = evaluate(state.eval_model, builder, data, val_idx,
                                                                         device, cfg, precision, loss_fn, ctx)
+            val_s = time.time() - t_val
+            if not low_res:
+                val_times.append(val_s)
             improved, state.best_metric, state.since_best = observe(metric, state.best_metric, state.since_best)
             if improved:
                 state.best_epoch = epoch
@@ -500,9 +506,9 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             seen_masks = (data.images[order], data.masks[order],
                           apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls)) if validated else ()
             tb.epoch(epoch, log_rows[-1], *seen_masks)
+        epoch_s = amortized_epoch_s(time.time() - t0, val_s, val_times, 1 if low_res else t["val_every"])
         if calibrate is not None and start_epoch == 0:
-            cfg = _recalibrate(cfg, calibrate(epoch + 1, time.time() - t0, low_res) if ctx.is_main else None,
-                               state, ctx)
+            cfg = _recalibrate(cfg, calibrate(epoch + 1, epoch_s, low_res) if ctx.is_main else None, state, ctx)
             t = cfg["train"]
         state.epoch, new_stage = next_epoch(epoch, state.lrc.starts, state.since_best, t["early_stopping"])
         if state.epoch > epoch + 1 and ctx.is_main:
@@ -515,14 +521,15 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             _write_log(rd.log(fold), log_rows)
             _checkpoint(state, cfg, fold, rd, device, precision, metric, epoch,
                         keep=improved if t["select"] == "best" else True)
-            epoch_times[low_res].append(time.time() - t0)
+            epoch_times[low_res].append(epoch_s)
             low_left = max(C.low_res_epochs(cfg) - state.epoch, 0) if low_res else 0
             left = time_left(epoch_times, low_left, C.total_epochs(cfg) - state.epoch - low_left,
                              (low_builder.geo.pad_to / builder.geo.pad_to) ** 2 if low_builder else 1.0)
             scored = (f"val {val_loss:.4f} metric {metric:.4f} iou {iou:.4f} (best {state.best_metric:.4f})"
-                      if validated else f"not validated ({t['low_res_size']} px epoch; train.low_res_validate)")
+                      if validated else f"not validated ({t['low_res_size']} px epoch; train.low_res_validate)"
+                      if low_res else f"not validated (train.val_every {t['val_every']})")
             log.info("fold %d epoch %d/%d %s: train %.4f %s %.0fs, %.1f img/s; fold ETA %s", fold, epoch + 1,
-                     C.total_epochs(cfg), loss_name, loss_sum / max(seen, 1), scored, epoch_times[low_res][-1],
+                     C.total_epochs(cfg), loss_name, loss_sum / max(seen, 1), scored, time.time() - t0,
                      seen / max(train_seconds, 1e-9), _clock(time.time() + left))
         barrier(ctx)
 
@@ -569,6 +576,16 @@ def _checkpoint(state: TrainState, cfg: dict, fold: int, rd: RunDir, device, pre
                          "metric": metric, "device_type": device.type, "precision": precision.to_dict()},
                         rd.best(fold))
     save_checkpoint({**state.state_dict(), "config": cfg, "fold": fold}, rd.last(fold))
+
+
+def amortized_epoch_s(seconds: float, val_s: float, val_times: list[float], val_every: int) -> float:
+    """What an epoch that took ``seconds`` (``val_s`` of them validating) costs on average when one
+    epoch in ``val_every`` is validated: the validation counts at its share, the mean of the last
+    three measured (``val_times``), whether or not this epoch ran it: the time plan's rule (see
+    budget.Costs), so that a re-plan does not swing with the validated epochs."""
+    if val_every <= 1 or not val_times:
+        return seconds
+    return seconds - val_s + float(np.mean(val_times[-3:])) / val_every
 
 
 def time_left(epoch_times: dict[bool, list[float]], low_left: int, full_left: int, pixel_ratio: float) -> float:
@@ -763,7 +780,7 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
                     tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
                     low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
                     low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0,
-                    low_res_validates=cfg["train"]["low_res_validate"])
+                    low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"])
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
     plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
