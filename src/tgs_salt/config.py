@@ -76,8 +76,8 @@ DEFAULTS: dict[str, Any] = {
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
         "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
-        "val_every": 1,                 # validate every n-th full-size epoch, counted back from the last (always
-                                        # validated); select: best, early stopping and the plateau schedule see only those
+        "val_every": 1,                 # validate every n-th full-size epoch, counted back from the last (validated
+                                        # as planned); select: best, early stopping and the plateau schedule see only those
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -370,7 +370,8 @@ def low_res_epochs(cfg: dict) -> int:
 def validates_epoch(cfg: dict, epoch: int, low_res: bool) -> bool:
     """Whether epoch ``epoch`` (0-based) is validated: of the low-resolution epochs only the last unless
     ``train.low_res_validate``; of the full-size ones every ``train.val_every``-th counted back from the
-    fold's last epoch, which is always validated (with the plan's current number of epochs)."""
+    fold's last epoch by the plan's current number of epochs (a time budget's re-plan that ends the fold
+    after this epoch leaves the last unvalidated; the OOF pass scores the kept weights anyway)."""
     t = cfg["train"]
     if low_res:
         return bool(t["low_res_validate"]) or epoch + 1 >= low_res_epochs(cfg)
