@@ -381,7 +381,7 @@ def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, 
 
 def test_val_every_validates_every_nth_full_size_epoch_back_from_the_last(tmp_path, synth_dir, monkeypatch):
     """train.val_every n: of the full-size epochs every n-th is validated, counted back from the last
-    (always validated; the low-res rule is unchanged). The weights trained are the same as with
+    (validated as planned; the low-res rule is unchanged). The weights trained are the same as with
     every epoch validated; the time plan's calibration gets each epoch at its average cost: a
     validated epoch less than it took, an unvalidated one more (here validation takes >= 1 s)."""
     import time
