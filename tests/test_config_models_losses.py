@@ -50,6 +50,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"low_res_mode": "zoom"}}, "train.low_res_mode"),
     ({"train": {"val_every": 0}}, "train.val_every = 0"),
     ({"train": {"val_every": 1.5}}, "train.val_every"),
+    ({"predict": {"tta_shift": 14}}, "predict.tta_shift = 14; at most 13 px"),
+    ({"predict": {"tta_shift": -1}}, "predict.tta_shift"),
+    ({"input": {"pad_to": 112}, "model": {"encoder_depth": 4}, "predict": {"tta_shift": 6}}, "at most 5 px"),
     ({"input": {"resize": 101, "pad_to": 160}, "train": {"low_res_size": 128, "low_res_mode": "crop"}},
      "the window must fit in the 101 px image"),
 ])

@@ -323,6 +323,9 @@ def test_plan_arithmetic():
     with pytest.raises(UserError) as e:
         B.plan_epochs(300, 60, costs, [36, 24])
     assert "too small" in str(e.value) and "min" in str(e.value)
+    # shift TTA (predict.tta_shift) triples the views of the OOF pass and the prediction: 3 * 80 + 3 + 15
+    shifted = B.Costs(**{**B.to_dict(costs), "tta_shift": 3})
+    assert shifted.fixed_s == pytest.approx(258.0) and shifted.epoch_s == costs.epoch_s
 
 
 def test_plan_with_progressive_resizing_counts_cheaper_epochs():

@@ -76,6 +76,62 @@ def test_pad_crop_contract_with_tta():
             torch.testing.assert_close(with_tta, expected)
 
 
+def test_shift_tta_pixelwise_model_unchanged():
+    """A pixelwise model sees the same image at every offset: shift TTA (with and without the flip)
+    returns what one view does, through the real input builder, for padded and resized inputs."""
+    img, dep = _images()
+
+    def model(inp):
+        return inp[:, :1] * 2.0 + inp[:, -1:]  # the image and the row plane, which moves with the image
+
+    for resize, pad, shift in ((101, 112, 3), (101, 112, 5), (101, 128, 13), (202, 256, 4)):
+        builder = InputBuilder(["image", "depth", "row"], Geometry(resize, pad))
+        one, _ = predict_batch(model, builder, img, dep, CPU, FP32, tta=False)
+        for tta in (False, True):
+            got, _ = predict_batch(model, builder, img, dep, CPU, FP32, tta=tta, shift=shift)
+            torch.testing.assert_close(got, one)
+
+
+def test_shift_tta_averages_the_views_at_their_offsets():
+    """A model that sees where the image sits in its canvas: the prediction is the mean of the three
+    offsets (centre, +shift and -shift on both axes), each cropped at its own offset; the salt
+    probabilities are averaged over the same views."""
+    builder = InputBuilder(["image"], Geometry(101, 112))
+    img, dep = _images(1)
+    pos = torch.arange(112, dtype=torch.float32)
+    ramp = 3 * torch.sin(pos / 2).view(1, 1, 1, 112) + torch.cos(pos / 3).view(1, 1, 112, 1)  # not linear
+
+    def model(inp):  # canvas position matters: not shift-equivariant; the salt logit reads the corner
+        return inp[:, :1] + ramp, inp[:, 0, :3, :3].mean(dim=(1, 2)).unsqueeze(1)
+
+    got, cls = predict_batch(model, builder, img, dep, CPU, FP32, tta=False, shift=3)
+    want, want_cls = [], []
+    for before in (5, 8, 2):  # (112 - 101) // 2 = 5, then +3 and -3
+        x = (img.float().unsqueeze(1) / 255.0 - 0.47) / 0.16
+        x = torch.nn.functional.pad(x, (before, 11 - before, before, 11 - before), mode="reflect")
+        want.append(torch.sigmoid(x + ramp)[:, 0, before:before + 101, before:before + 101])
+        want_cls.append(torch.sigmoid(x[:, 0, :3, :3].mean(dim=(1, 2))))
+    torch.testing.assert_close(got, torch.stack(want).mean(0))
+    torch.testing.assert_close(cls, torch.stack(want_cls).mean(0))
+    assert (got - want[0]).abs().max() > 0.1
+    # with the flip too: six views, the flipped ones flipped back
+    got6, _ = predict_batch(model, builder, img, dep, CPU, FP32, tta=True, shift=3)
+    flipped = []
+    for before in (5, 8, 2):
+        x = (img.float().unsqueeze(1) / 255.0 - 0.47) / 0.16
+        x = torch.nn.functional.pad(x, (before, 11 - before, before, 11 - before), mode="reflect").flip(-1)
+        flipped.append(torch.sigmoid(x + ramp).flip(-1)[:, 0, before:before + 101, before:before + 101])
+    torch.testing.assert_close(got6, torch.stack(want + flipped).mean(0))
+
+
+def test_shift_must_fit_in_the_padding():
+    assert (Geometry(101, 112, shift=3).before, Geometry(101, 112, shift=-3).after) == (8, 9)
+    with pytest.raises(ValueError, match="does not fit"):
+        Geometry(101, 112, shift=-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        InputBuilder(["image"], Geometry(101, 104)).shifted(4)
+
+
 class ConstModel:
     def __init__(self, value, cls=None):
         self.value = value
@@ -83,7 +139,7 @@ class ConstModel:
         self.cfg = {"model": {"cls_head": cls is not None}}
         self.cls = cls
 
-    def probs(self, images, depths, tta=True):
+    def probs(self, images, depths, tta=True, shift=0):
         c = None if self.cls is None else torch.full((len(images),), float(self.cls))
         return torch.full((len(images), 101, 101), float(self.value)), c
 
@@ -193,7 +249,8 @@ def test_decide_applies_tuning_only_where_it_wins_held_out():
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, synth_dir):
     tmp = tmp_path_factory.mktemp("pred")
-    cfg = tiny_config(tmp, train={"stages": [{"loss": "bce_dice", "epochs": 1}]})
+    # with shift TTA (predict.tta_shift): the OOF pass and the test prediction take 6 views
+    cfg = tiny_config(tmp, train={"stages": [{"loss": "bce_dice", "epochs": 1}]}, predict={"tta_shift": 3})
     run_dir = tmp / "run"
     r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -219,6 +276,31 @@ def test_predict_writes_a_valid_submission(predicted, synth_dir):
         assert info["postprocess"]["threshold"] == 0.5 and info["postprocess"]["min_area"] == 0
     if cv is not None:  # cv and predict make the same decision from the same OOF predictions
         assert cv["applied"] == info["postprocess_applied"] and cv["applied_postprocess"] == info["postprocess"]
+
+
+def test_oof_and_test_predictions_take_the_shift_tta_views(predicted, synth_dir):
+    """Training's OOF pass and the test prediction both average the 6 views ``predict.tta_shift``
+    asks for: the OOF file matches the kept weights' 6-view probabilities, not their 2-view ones."""
+    from tgs_salt.data import load_train
+    from tgs_salt.data.folds import folds_for
+    from tgs_salt.inference import FoldModel, predict_arrays
+
+    run_dir, _, r = predicted
+    assert "x 6 TTA views" in r.stderr
+    data = load_train(synth_dir)
+    facts = json.loads((run_dir / "run.json").read_text())
+    held = np.flatnonzero(folds_for(data.ids, __import__("pathlib").Path(facts["fold_file"])) == 0)
+    m = FoldModel(run_dir / "fold0" / "best.pt", CPU)
+    with np.load(run_dir / "fold0" / "oof.npz") as z:
+        order = {i: k for k, i in enumerate(z["ids"])}
+        oof = z["probs"].astype(np.float32)[[order[i] for i in data.ids[held]]]
+    args = (m.model, m.builder, data.images[held], data.depths[held], CPU, m.precision, True, 16)
+    six, _ = predict_arrays(*args, shift=3)
+    two, _ = predict_arrays(*args)
+    # a one-epoch model is nearly flat: compare as stored (float16), pixel by pixel
+    same_six = (oof == six.astype(np.float16).astype(np.float32)).mean()
+    same_two = (oof == two.astype(np.float16).astype(np.float32)).mean()
+    assert same_six > 0.99 and same_two < 0.9, (same_six, same_two)
 
 
 def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):

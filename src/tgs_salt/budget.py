@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tgs_salt.config import low_res_count
+from tgs_salt.config import low_res_count, n_views
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 
@@ -50,6 +50,7 @@ class Costs:
     low_res_share: float = 0.0         # the share of the epochs trained at that size
     low_res_validates: bool = True     # whether those epochs are validated (train.low_res_validate)
     val_every: int = 1                 # a full-resolution epoch is validated every n-th (train.val_every)
+    tta_shift: int = 0                 # predict.tta_shift: > 0 triples the test-time views
 
     def _epoch_s(self, rate: float, validate: float = 1.0) -> float:
         """An epoch at ``rate`` training images/s, with the share ``validate`` of a validation."""
@@ -72,7 +73,7 @@ class Costs:
 
     @property
     def fixed_s(self) -> float:
-        views = 2 if self.tta else 1
+        views = n_views(self.tta, self.tta_shift)
         oof = self.n_folds * (self.n_val * views / self.eval_rate + FOLD_OVERHEAD_S)
         predict = self.n_test * views * self.n_models / self.eval_rate
         return oof + predict + STAGE_OVERHEAD_S

@@ -93,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "max_train_batches": None,      # cap batches per epoch (smoke tests)
     },
     "folds": {"k": 5, "seed": 42, "file": None, "train_folds": None},
-    "predict": {"tta": True, "batch_size": 256},
+    "predict": {"tta": True, "tta_shift": 0, "batch_size": 256},
     "postprocess": {
         "thresholds": [0.05, 0.95, 91],  # linspace(start, stop, count)
         "min_areas": [0, 10, 20, 30, 50, 75, 100, 150, 200, 300],
@@ -163,6 +163,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("folds", "k"): (int, 2, 1000, False),
     ("folds", "seed"): (int, 0, 2**32 - 1, False),
     ("predict", "tta"): (bool, None, None, False),
+    ("predict", "tta_shift"): (int, 0, 64, False),
     ("predict", "batch_size"): (int, 1, 1 << 16, False),
     ("postprocess", "default_threshold"): (float, "(0", 1, False),
 }
@@ -297,6 +298,9 @@ def validate(cfg: dict, where: str = "config") -> None:
            f"input.pad_to = {p!r}; a multiple of {stride} (2^{stride.bit_length() - 1} for "
            f"{'model.encoder_depth ' + str(depth) if smp_arch else 'the plain baselines'}) and >= input.resize ({r})",
            where)
+    shift = cfg["predict"]["tta_shift"]
+    _check(shift <= (p - r) // 2, f"predict.tta_shift = {shift!r}; at most {(p - r) // 2} px: the image is shifted "
+           f"both ways inside the padding from input.resize {r} to input.pad_to {p}", where)
     t = cfg["train"]
     lo = t["low_res_size"]
     _check(lo is None or (lo % stride == 0 and lo < p),
@@ -365,6 +369,11 @@ def low_res_epochs(cfg: dict) -> int:
     """How many of the first epochs train at ``train.low_res_size`` (progressive resizing)."""
     t = cfg["train"]
     return 0 if t["low_res_size"] is None else low_res_count(t["low_res_fraction"], total_epochs(cfg))
+
+
+def n_views(tta: bool, shift: int = 0) -> int:
+    """Forward passes per image at test time: flip TTA doubles them, shift TTA triples them."""
+    return (2 if tta else 1) * (3 if shift else 1)
 
 
 def validates_epoch(cfg: dict, epoch: int, low_res: bool) -> bool:

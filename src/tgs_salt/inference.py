@@ -2,8 +2,10 @@
 
 A model returns mask logits (B, 1, H, W), or ``(mask logits, empty/non-empty logits (B, 1))``
 when it has a classification head (``model.cls_head``). Outputs are probabilities at 101x101,
-averaged over the horizontal flip when TTA is on, plus the probability that the image holds salt
-(None without a head).
+averaged over the test-time views, plus the probability that the image holds salt (None without
+a head). The views: the image as trained, its horizontal flip when ``tta`` is on, and with
+``shift`` > 0 the same again with the image moved ``shift`` pixels diagonally inside the padding,
+down-right and up-left (``predict.tta_shift``): 1, 2, 3 or 6 views.
 """
 
 from __future__ import annotations
@@ -22,31 +24,32 @@ from tgs_salt.transforms import InputBuilder
 
 @torch.inference_mode()
 def predict_batch(model, builder: InputBuilder, images: torch.Tensor, depths: torch.Tensor, device,
-                  precision: Precision, tta: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  precision: Precision, tta: bool = True, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Probabilities (B, 101, 101) float32 and salt probabilities (B,) or None."""
-    x = builder(images.to(device), depths.to(device)).contiguous(memory_format=precision.memory_format)
-    views = [x, torch.flip(x, dims=[-1])] if tta else [x]
+    images, depths = images.to(device), depths.to(device)
     masks, cls = [], []
-    for i, v in enumerate(views):
-        with precision.autocast(device):
-            m, c = split_output(model(v))
-        m = torch.sigmoid(m.float())
-        masks.append(torch.flip(m, dims=[-1]) if i else m)
-        if c is not None:
-            cls.append(torch.sigmoid(c.float()).flatten())
+    for b in [builder] + ([builder.shifted(shift), builder.shifted(-shift)] if shift else []):
+        x = b(images, depths).contiguous(memory_format=precision.memory_format)
+        for flip in ((False, True) if tta else (False,)):
+            with precision.autocast(device):
+                m, c = split_output(model(torch.flip(x, dims=[-1]) if flip else x))
+            m = torch.sigmoid(m.float())
+            masks.append(b.geo.output_to_101(torch.flip(m, dims=[-1]) if flip else m))
+            if c is not None:
+                cls.append(torch.sigmoid(c.float()).flatten())
     p = torch.stack(masks).mean(0)
-    return builder.geo.output_to_101(p).squeeze(1), (torch.stack(cls).mean(0) if cls else None)
+    return p.squeeze(1), (torch.stack(cls).mean(0) if cls else None)
 
 
 def predict_arrays(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
-                   precision: Precision, tta: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+                   precision: Precision, tta: bool, batch_size: int, shift: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (N, 101, 101) float32 and salt probabilities (N,) or None, in batches."""
     model.eval()
     out = np.empty((len(images), 101, 101), dtype=np.float32)
     cls = None
     for s in range(0, len(images), batch_size):
         p, c = predict_batch(model, builder, torch.from_numpy(images[s:s + batch_size]),
-                             torch.from_numpy(depths[s:s + batch_size]), device, precision, tta)
+                             torch.from_numpy(depths[s:s + batch_size]), device, precision, tta, shift)
         out[s:s + batch_size] = p.cpu().numpy()
         if c is not None:
             cls = np.empty(len(images), dtype=np.float32) if cls is None else cls
@@ -73,6 +76,6 @@ class FoldModel:
         self.model = self.model.to(device=device, memory_format=precision.memory_format).eval()
         self.device = device
 
-    def probs(self, images: torch.Tensor, depths: torch.Tensor, tta: bool = True):
+    def probs(self, images: torch.Tensor, depths: torch.Tensor, tta: bool = True, shift: int = 0):
         """(B, 101, 101) float32 probabilities and (B,) salt probabilities or None."""
-        return predict_batch(self.model, self.builder, images, depths, self.device, self.precision, tta)
+        return predict_batch(self.model, self.builder, images, depths, self.device, self.precision, tta, shift)

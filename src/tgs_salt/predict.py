@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tgs_salt import paths
+from tgs_salt.config import n_views
 from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import resolve_device
@@ -40,7 +41,7 @@ def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[l
 
 
 def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.ndarray, device,
-                 batch_size: int, tta: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                 batch_size: int, tta: bool = True, shift: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean probabilities (N, 101, 101) float16, streamed over batches (only the running batch
     of every model is ever in memory), and mean salt probabilities (N,) when every model has a
     classifier (else None)."""
@@ -55,7 +56,7 @@ def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.n
         acc, acc_cls = 0.0, 0.0
         for (models, _), w in zip(ensemble, weights):
             for m in models:
-                p, c = m.probs(img, dep, tta=tta)
+                p, c = m.probs(img, dep, tta=tta, shift=shift)
                 acc = acc + p * float(w / len(models))
                 if with_cls:
                     acc_cls = acc_cls + c * float(w / len(models))
@@ -105,13 +106,14 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     n_models = sum(len(m) for m, _ in ensemble)
     batch = args.batch_size or cfg["predict"]["batch_size"]
     t0 = time.time()
-    probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, cfg["predict"]["tta"])
+    tta, shift = cfg["predict"]["tta"], cfg["predict"].get("tta_shift", 0)  # runs before predict.tta_shift: 0
+    probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, tta, shift)
     if pp.cls_threshold is not None and cls is None:
         raise UserError("post-processing was tuned with a classifier but the models give no salt probability")
     seconds = time.time() - t0
     log.info("precision: %s", ", ".join(sorted({m.precision.name for ms, _ in ensemble for m in ms})))
-    log.info("predicted %d test images with %d models x %s TTA in %.1fs (%.0f images/s)", len(test), n_models,
-             "2" if cfg["predict"]["tta"] else "1", seconds, len(test) / max(seconds, 1e-9))
+    log.info("predicted %d test images with %d models x %d TTA views in %.1fs (%.0f images/s)", len(test), n_models,
+             n_views(tta, shift), seconds, len(test) / max(seconds, 1e-9))
 
     with atomic_path(RunDir(out_dir).test_probs, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, ids=test.ids, probs=probs, **({} if cls is None else {"cls": cls}))

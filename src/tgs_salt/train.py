@@ -180,12 +180,13 @@ def resolve_fold_file(cfg: dict, data_dir: Path, is_main: bool = True) -> Path:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: DistContext, tta: bool = False):
+def evaluate(model, builder, data, idx, device, cfg, precision, loss_fn, ctx: DistContext, tta: bool = False,
+             shift: int = 0):
     """Validation loss, competition metric at the default threshold, pixel IoU, and the ids'
     order with their probabilities and salt probabilities (or None), over all ranks."""
     mine = idx[ctx.rank::ctx.world]
     probs, cls = predict_arrays(model, builder, data.images[mine], data.depths[mine], device, precision, tta,
-                                cfg["train"]["val_batch_size"])
+                                cfg["train"]["val_batch_size"], shift)
     # loss on logits recovered from the probabilities at 101x101 (cheap, consistent across geometries)
     p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
     logits = torch.log(p) - torch.log1p(-p)
@@ -376,12 +377,13 @@ def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: 
 
 
 def _oof_pass(model, cfg, fold, rd: RunDir, builder, data, val_idx, device, precision, ctx) -> tuple[dict, float]:
-    """Out-of-fold probabilities of the kept weights, with flip TTA, to oof.npz; (kept checkpoint, metric)."""
+    """Out-of-fold probabilities of the kept weights, with the test-time views the test prediction
+    uses (``predict.tta``, ``predict.tta_shift``), to oof.npz; (kept checkpoint, metric)."""
     kept = load_checkpoint(rd.best(fold))  # written by the main process before the epoch's barrier
     model.load_state_dict(kept["model"])
     _, metric_tta, _, order, probs, cls = evaluate(model, builder, data, val_idx, device, cfg, precision,
                                                    get_loss(cfg["train"]["stages"][-1]["loss"]), ctx,
-                                                   tta=cfg["predict"]["tta"])
+                                                   tta=cfg["predict"]["tta"], shift=cfg["predict"]["tta_shift"])
     if ctx.is_main:
         with atomic_path(rd.oof(fold), suffix=".npz") as tmp, open(tmp, "wb") as fh:
             extra = {} if cls is None else {"cls": cls.astype(np.float32)}
@@ -777,7 +779,7 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
     costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
                     n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
-                    tta=bool(cfg["predict"]["tta"]), data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
+                    tta=bool(cfg["predict"]["tta"]), tta_shift=cfg["predict"]["tta_shift"], data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
                     low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
                     low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0,
                     low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"])

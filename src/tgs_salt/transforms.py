@@ -1,4 +1,4 @@
-"""Input geometry, input channels, augmentation and flip TTA.
+"""Input geometry, input channels, augmentation, and the geometry of shift TTA.
 
 The pad/crop contract: a 101x101 image is resized to ``resize`` (101 keeps it), padded to
 ``pad_to`` for the network, and the network output is cropped back to the ``resize`` region
@@ -20,11 +20,13 @@ DEPTH_MEAN, DEPTH_STD = 506.0, 209.0   # train-set statistics of z
 
 
 class Geometry:
-    def __init__(self, resize: int = 101, pad_to: int = 128, pad_mode: str = "reflect"):
+    def __init__(self, resize: int = 101, pad_to: int = 128, pad_mode: str = "reflect", shift: int = 0):
         self.resize, self.pad_to, self.pad_mode = resize, pad_to, pad_mode
         total = pad_to - resize
-        self.before = total // 2
+        self.before = total // 2 + shift  # ``shift`` moves the image down and right inside the padding
         self.after = total - self.before
+        if self.before < 0 or self.after < 0:
+            raise ValueError(f"a {shift:+d} px shift does not fit in the {total} px of padding ({resize} -> {pad_to})")
 
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         """(..., pad_to, pad_to) -> (..., resize, resize)."""
@@ -65,6 +67,12 @@ class InputBuilder:
         """Training input of random ``size`` x ``size`` windows of this full-resolution input (see
         :class:`CropBuilder`): the low-resolution phase's other mode, the image kept at its scale."""
         return CropBuilder(self, size, seed)
+
+    def shifted(self, shift: int) -> InputBuilder:
+        """The same input with the image moved ``shift`` pixels down and right inside the padding
+        (shift TTA: the network sees it at another offset; ``geo.output_to_101`` crops it back)."""
+        g = self.geo
+        return InputBuilder(self.channels, Geometry(g.resize, g.pad_to, g.pad_mode, shift))
 
     @property
     def n_channels(self) -> int:
