@@ -42,7 +42,8 @@ def predict_batch(model, builder: InputBuilder, images: torch.Tensor, depths: to
 
 
 def predict_arrays(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,
-                   precision: Precision, tta: bool, batch_size: int, shift: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                   precision: Precision, tta: bool, batch_size: int,
+                   shift: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (N, 101, 101) float32 and salt probabilities (N,) or None, in batches."""
     model.eval()
     out = np.empty((len(images), 101, 101), dtype=np.float32)

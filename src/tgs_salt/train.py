@@ -779,7 +779,8 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
     costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
                     n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
-                    tta=bool(cfg["predict"]["tta"]), tta_shift=cfg["predict"]["tta_shift"], data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
+                    tta=bool(cfg["predict"]["tta"]), tta_shift=cfg["predict"]["tta_shift"],
+                    data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
                     low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
                     low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0,
                     low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"])
