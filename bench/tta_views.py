@@ -59,7 +59,6 @@ def main():
     p.add_argument("--shifts", type=int, nargs="+", default=[3])
     p.add_argument("--batch", type=int, default=32)
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_train(Path(a.data_dir))
     shifts = [0] + [s for s in a.shifts if s]
     out = []
