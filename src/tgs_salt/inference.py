@@ -34,11 +34,11 @@ def predict_batch(model, builder: InputBuilder, images: torch.Tensor, depths: to
             with precision.autocast(device):
                 m, c = split_output(model(torch.flip(x, dims=[-1]) if flip else x))
             m = torch.sigmoid(m.float())
-            masks.append(b.geo.output_to_101(torch.flip(m, dims=[-1]) if flip else m))
+            masks.append(b.geo.crop(torch.flip(m, dims=[-1]) if flip else m))  # each view at its own offset
             if c is not None:
                 cls.append(torch.sigmoid(c.float()).flatten())
-    p = torch.stack(masks).mean(0)
-    return p.squeeze(1), (torch.stack(cls).mean(0) if cls else None)
+    p = torch.stack(masks).mean(0)  # (B, 1, resize, resize): one resize to 101 for all views
+    return builder.geo.to_101(p).squeeze(1), (torch.stack(cls).mean(0) if cls else None)
 
 
 def predict_arrays(model, builder: InputBuilder, images: np.ndarray, depths: np.ndarray, device,

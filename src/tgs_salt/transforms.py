@@ -70,7 +70,7 @@ class InputBuilder:
 
     def shifted(self, shift: int) -> InputBuilder:
         """The same input with the image moved ``shift`` pixels down and right inside the padding
-        (shift TTA: the network sees it at another offset; ``geo.output_to_101`` crops it back)."""
+        (shift TTA: the network sees it at another offset; ``geo.crop`` takes it back out)."""
         g = self.geo
         return InputBuilder(self.channels, Geometry(g.resize, g.pad_to, g.pad_mode, shift))
 
