@@ -32,9 +32,8 @@ from tgs_salt.report import expected_folds, read_run
 from tgs_salt.rundir import RunDir
 
 
-def held_out_probs(run: Path, data, shifts: list[int], batch: int):
+def held_out_probs(run: Path, cfg: dict, data, shifts: list[int], batch: int):
     """Rows of ``data`` the run's folds held out, and their probabilities / salt probabilities per shift."""
-    cfg, _ = read_run(run)
     index = {i: k for k, i in enumerate(data.ids)}
     rows, probs, cls = [], {s: [] for s in shifts}, {s: [] for s in shifts}
     for k in expected_folds(cfg):
@@ -48,7 +47,7 @@ def held_out_probs(run: Path, data, shifts: list[int], batch: int):
             cls[s].append(c)
         rows.append(r)
     cat = {s: (np.concatenate(probs[s]), None if cls[s][0] is None else np.concatenate(cls[s])) for s in shifts}
-    return cfg, np.concatenate(rows), cat
+    return np.concatenate(rows), cat
 
 
 def main():
@@ -64,8 +63,8 @@ def main():
     out = []
     for run in map(Path, a.runs):
         t0 = time.time()
-        cfg, rows, views = held_out_probs(run, data, shifts, a.batch)
-        _, facts = read_run(run)
+        cfg, facts = read_run(run)
+        rows, views = held_out_probs(run, cfg, data, shifts, a.batch)
         truth = data.masks[rows]
         groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
         scores = {}
