@@ -126,6 +126,24 @@ def test_losses_known_values():
     assert "lovasz" in str(e.value)
 
 
+def test_symmetric_lovasz_is_the_mean_of_both_hinges():
+    """One sort serves both halves: value and gradient equal the definition, with an empty and a
+    full mask in the batch and ties in the logits."""
+    torch.manual_seed(0)
+    y = (torch.rand(4, 1, 101, 101) > 0.6).float()
+    y[1], y[2] = 0, 1
+    x = torch.randn(4, 1, 101, 101)
+    x[3, :, :50] = 0.25  # ties
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = lovasz_symmetric(a, y)
+    want = 0.5 * (lovasz_hinge(b, y) + lovasz_hinge(-b, 1 - y))
+    got.backward()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+    assert float(lovasz_symmetric(x, y)) != pytest.approx(float(lovasz_hinge(x, y)), rel=1e-3)
+
+
 def test_weighted_sum_of_losses():
     x, y = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
     assert get_loss("bce") is bce

@@ -27,24 +27,39 @@ def bce_dice(logits, target):
     return bce(logits, target) + dice(logits, target)
 
 
-def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image Lovasz hinge (Berman et al. 2018), batched: one sort over (B, H*W)."""
+def _sorted_errors(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge errors sorted per image, descending, and the labels in the same order."""
     x = logits.flatten(1)
     y = target.flatten(1)
-    signs = 2 * y - 1
-    errors = 1 - x * signs
+    errors = 1 - x * (2 * y - 1)
     errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
-    gt_sorted = torch.gather(y, 1, perm)
+    return errors_sorted, torch.gather(y, 1, perm)
+
+
+def _lovasz_sorted(hinge: torch.Tensor, gt_sorted: torch.Tensor) -> torch.Tensor:
+    """The Lovasz extension of the Jaccard loss, per image, for errors already sorted (``hinge`` is
+    elu(errors) + 1 in that order), averaged over the batch."""
     gts = gt_sorted.sum(1, keepdim=True)
     inter = gts - gt_sorted.cumsum(1)
     union = gts + (1 - gt_sorted).cumsum(1)
     jaccard = 1 - inter / union
     grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
-    return ((F.elu(errors_sorted) + 1) * grad.detach()).sum(1).mean()
+    return (hinge * grad.detach()).sum(1).mean()
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image Lovasz hinge (Berman et al. 2018), batched: one sort over (B, H*W)."""
+    errors_sorted, gt_sorted = _sorted_errors(logits, target)
+    return _lovasz_sorted(F.elu(errors_sorted) + 1, gt_sorted)
 
 
 def lovasz_symmetric(logits, target):
-    return 0.5 * (lovasz_hinge(logits, target) + lovasz_hinge(-logits, 1 - target))
+    """Mean of the hinge on (logits, mask) and on (-logits, 1 - mask). The complement's errors
+    1 - (-x)(1 - 2y) equal the mask's 1 - x(2y - 1) exactly, so one sort serves both halves; only
+    the sorted labels flip (the sort is a third of this loss's time on 2 CPU cores)."""
+    errors_sorted, gt_sorted = _sorted_errors(logits, target)
+    hinge = F.elu(errors_sorted) + 1
+    return 0.5 * (_lovasz_sorted(hinge, gt_sorted) + _lovasz_sorted(hinge, 1 - gt_sorted))
 
 
 def bce_lovasz(logits, target):
