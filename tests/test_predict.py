@@ -315,6 +315,43 @@ def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):
     assert r.returncode != 0 and "--weights" in r.stderr
 
 
+def _as_if_older(cfg: dict) -> dict:
+    """A config as a run made before three keys existed, with one key removed since."""
+    del cfg["predict"]["tta_shift"], cfg["postprocess"]["tune"], cfg["model"]["cls_head"]
+    cfg["train"]["an_option_removed_since"] = 1
+    return cfg
+
+
+def test_runs_from_before_newer_keys_still_load(predicted, synth_dir, tmp_path):
+    """A run whose config.yaml and checkpoints lack keys added since (and hold one removed since)
+    reads with today's defaults for the missing keys: the 2 flip views, not its own 6."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from tgs_salt.config import DEFAULTS, for_reading
+
+    run_dir = tmp_path / "older"
+    shutil.copytree(predicted[0], run_dir)
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(_as_if_older(yaml.safe_load(cfg_path.read_text()))))
+    for ck_path in run_dir.glob("fold*/*.pt"):
+        ck = torch.load(ck_path, weights_only=True)
+        ck["config"] = _as_if_older(ck["config"])
+        torch.save(ck, ck_path)
+    got = for_reading(yaml.safe_load(cfg_path.read_text()))
+    assert got["predict"]["tta_shift"] == DEFAULTS["predict"]["tta_shift"] == 0
+    assert got["postprocess"]["tune"] == "auto" and got["model"]["cls_head"] is False
+    assert got["train"]["an_option_removed_since"] == 1 and got["train"]["lr"] == 3e-3  # its own values kept
+    r = run_cli("predict", "--run-dir", run_dir, "--data-dir", synth_dir, "--out", tmp_path / "sub.csv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 2 TTA views" in r.stderr
+    assert validate_submission(tmp_path / "sub.csv", synth_dir / "sample_submission.csv").ok
+    r = run_cli("cv", "--run-dir", run_dir, "--no-plots")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_predict_untrained_fold_error(synth_dir, tmp_path):
     cfg = tiny_config(tmp_path, train={"stages": [{"loss": "bce", "epochs": 1}], "max_train_batches": 1},
                       folds={"k": 3, "seed": 1, "train_folds": [0, 1]})

@@ -196,16 +196,19 @@ def _scalar(value, spec: tuple, name: str, where: str):
     return float(value) if kind is float else value
 
 
-def _merge(base: dict, override: dict, where: str) -> dict:
+def _merge(base: dict, override: dict, where: str, strict: bool = True) -> dict:
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
+        if key not in base and not strict:
+            out[key] = copy.deepcopy(value)
+            continue
         if key not in base:
             allowed = ", ".join(sorted(base))
             raise UserError(f"unknown config key {where}{key!r}; allowed here: {allowed}")
         if isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
             raise UserError(f"config key {where}{key} must be a mapping")
         if isinstance(base[key], dict) and base[key]:
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = _merge(base[key], value, f"{where}{key}.", strict)
         else:
             out[key] = value
     return out
@@ -255,6 +258,14 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict:
 def merge_defaults(raw: dict) -> dict:
     """A config dict merged onto DEFAULTS (unknown keys are errors)."""
     return _merge(DEFAULTS, raw, "")
+
+
+def for_reading(raw: dict) -> dict:
+    """A finished run's saved config (config.yaml, or a checkpoint's) on today's DEFAULTS, for the
+    commands that read runs (cv, predict, compare, ...): a key added since the run takes its
+    default, which is the behaviour from before the key (a new option defaults to off; shipped
+    configs turn it on); a key removed since is kept and ignored, so older runs still load."""
+    return _merge(DEFAULTS, raw or {}, "", strict=False)
 
 
 def _deep_update(base: dict, upd: dict) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tgs_salt import config as C
 from tgs_salt import hardware
 from tgs_salt.hardware import Precision
 from tgs_salt.models import split_output
@@ -69,7 +70,7 @@ class FoldModel:
             saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
             precision = hardware.for_inference(saved, device)
         self.precision = precision
-        self.cfg = ck["config"]
+        self.cfg = C.for_reading(ck["config"])
         self.builder = InputBuilder.from_config(self.cfg)
         model_cfg = dict(self.cfg["model"], encoder_weights=None)  # weights come from the checkpoint
         self.model = build_model(model_cfg, self.builder.n_channels)

@@ -116,7 +116,7 @@ def decide(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
     (each group tuned on the others) is above the default's on the same images."""
     best, sweep = tune(probs, truth, cfg, cls)
     nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls)
-    mode = cfg["postprocess"].get("tune", "auto")  # runs trained before the option: auto
+    mode = cfg["postprocess"]["tune"]
     score_nested, score_default = float(nested.mean()), float(sweep["score_default"])
     use = mode is True or (mode == "auto" and score_nested > score_default)
     why = {True: "postprocess.tune: true", False: "postprocess.tune: false"}.get(mode) or (

@@ -48,7 +48,7 @@ def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.n
     from tqdm import tqdm
 
     out = np.empty((len(images), 101, 101), dtype=np.float16)
-    with_cls = all(m.cfg["model"].get("cls_head") for models, _ in ensemble for m in models)
+    with_cls = all(m.cfg["model"]["cls_head"] for models, _ in ensemble for m in models)
     cls_out = np.empty(len(images), dtype=np.float32) if with_cls else None
     for s in tqdm(range(0, len(images), batch_size), desc="predict", disable=None, leave=False):
         img = torch.from_numpy(images[s:s + batch_size]).to(device, non_blocking=True)
@@ -106,7 +106,7 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     n_models = sum(len(m) for m, _ in ensemble)
     batch = args.batch_size or cfg["predict"]["batch_size"]
     t0 = time.time()
-    tta, shift = cfg["predict"]["tta"], cfg["predict"].get("tta_shift", 0)  # runs before predict.tta_shift: 0
+    tta, shift = cfg["predict"]["tta"], cfg["predict"]["tta_shift"]
     probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, tta, shift)
     if pp.cls_threshold is not None and cls is None:
         raise UserError("post-processing was tuned with a classifier but the models give no salt probability")
