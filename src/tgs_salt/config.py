@@ -263,8 +263,9 @@ def merge_defaults(raw: dict) -> dict:
 def for_reading(raw: dict) -> dict:
     """A finished run's saved config (config.yaml, or a checkpoint's) on today's DEFAULTS, for the
     commands that read runs (cv, predict, compare, ...): a key added since the run takes its
-    default, which is the behaviour from before the key (a new option defaults to off; shipped
-    configs turn it on); a key removed since is kept and ignored, so older runs still load."""
+    default. For the keys those commands read (model, input, predict, postprocess) the default is
+    the behaviour from before the key (predict.tta_shift 0, postprocess.tune auto, model.cls_head
+    off); a key removed since is kept and ignored, so older runs still load."""
     return _merge(DEFAULTS, raw or {}, "", strict=False)
 
 
