@@ -427,6 +427,41 @@ def test_val_every_validates_every_nth_full_size_epoch_back_from_the_last(tmp_pa
     assert np.abs(seconds[3][:4]).max() < 0.1  # low-res epochs, and full-size ones before any validation
 
 
+def test_val_every_keeps_its_spacing_when_the_plan_moves_the_end():
+    """A time budget re-plans after every epoch, and the planned end moves by an epoch back and forth.
+    Counting back from the moving end validated neighbours and left gaps; counted from the last
+    validation, the full-size validations stay n apart up to the end, where the planned last is
+    validated (twice over if a re-plan then adds an epoch)."""
+    from tgs_salt.train import _last_validated
+
+    def run(totals, every):
+        cfg = {"train": {"low_res_size": None, "low_res_validate": False, "val_every": every,
+                         "stages": [{"epochs": 0}]}}
+        rows, epoch = [], 0
+        while epoch < totals[epoch]:
+            cfg["train"]["stages"][0]["epochs"] = totals[epoch]
+            v = C.validates_epoch(cfg, epoch, False, _last_validated(rows, 112))
+            rows.append({"epoch": str(epoch), "val_metric": "0.7" if v else "", "input_px": "112"})
+            epoch += 1
+        return [int(r["epoch"]) for r in rows if r["val_metric"]], epoch
+
+    fixed, n = run([30] * 40, 5)
+    assert n == 30 and fixed == [4, 9, 14, 19, 24, 29]  # a fixed plan: every 5th counted back from the last
+    assert run([30] * 40, 1)[0] == list(range(30))
+    rng = np.random.default_rng(0)
+    for every in (3, 5):
+        for _ in range(20):  # an end that wanders by an epoch at every re-plan, then settles
+            totals = [50 + int(rng.integers(-1, 2)) for _ in range(49)] + [50] * 20
+            got, n = run(totals, every)
+            assert n == 50 and got[-1] == 49
+            gaps = np.diff(got)  # near the end: the planned last, and again the last when the plan then grows
+            assert (gaps[:-2] == every).all() and gaps.max() <= every + (every + 1) // 2 and len(got) <= 50 // every + 2, got
+    # a resumed fold: the log's low-res rows and unvalidated rows do not count
+    rows = [{"epoch": "3", "val_metric": "0.6", "input_px": "64"}, {"epoch": "5", "val_metric": "0.7", "input_px": "112"},
+            {"epoch": "6", "val_metric": "", "input_px": "112"}]
+    assert _last_validated(rows, 112) == 5 and _last_validated(rows[:1], 112) is None
+
+
 def test_amortized_epoch_seconds():
     from tgs_salt.train import amortized_epoch_s
 

@@ -76,8 +76,8 @@ DEFAULTS: dict[str, Any] = {
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
         "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
-        "val_every": 1,                 # validate every n-th full-size epoch, counted back from the last (validated
-                                        # as planned); select: best, early stopping and the plateau schedule see only those
+        "val_every": 1,                 # validate every n-th full-size epoch and the planned last (n apart, the first
+                                        # counted back from the last); select: best, early stopping, plateau see only those
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
@@ -388,15 +388,24 @@ def n_views(tta: bool, shift: int = 0) -> int:
     return (2 if tta else 1) * (3 if shift else 1)
 
 
-def validates_epoch(cfg: dict, epoch: int, low_res: bool) -> bool:
+def validates_epoch(cfg: dict, epoch: int, low_res: bool, last_validated: int | None = None) -> bool:
     """Whether epoch ``epoch`` (0-based) is validated: of the low-resolution epochs only the last unless
-    ``train.low_res_validate``; of the full-size ones every ``train.val_every``-th counted back from the
-    fold's last epoch by the plan's current number of epochs (a time budget's re-plan that ends the fold
-    after this epoch leaves the last unvalidated; the OOF pass scores the kept weights anyway)."""
+    ``train.low_res_validate``; of the full-size ones the planned last (by the plan's current number of
+    epochs), and every ``train.val_every``-th: the first counted back from the planned last, each later
+    one n epochs after the last validated full-size epoch ``last_validated`` (unless the planned last is
+    nearer than n/2, which is then the next). Counting from the last validation keeps the spacing when a
+    time budget's re-plan moves the end by an epoch after every epoch (counting back from the moving end
+    validated neighbours, 48, 49, 50, then left a gap of 10). A re-plan that ends the fold right after an
+    unvalidated epoch leaves the last unvalidated; the OOF pass scores the kept weights anyway."""
     t = cfg["train"]
     if low_res:
         return bool(t["low_res_validate"]) or epoch + 1 >= low_res_epochs(cfg)
-    return (total_epochs(cfg) - 1 - epoch) % int(t["val_every"]) == 0
+    n, last = int(t["val_every"]), total_epochs(cfg) - 1
+    if epoch >= last:
+        return True
+    if last_validated is None:
+        return (last - epoch) % n == 0
+    return epoch - last_validated >= n and last - epoch >= (n + 1) // 2
 
 
 def dump(cfg: dict) -> str:

@@ -484,7 +484,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         # a low-resolution epoch is scored at full size, which it does not train at: only the phase's
         # last one is validated unless train.low_res_validate; a full-size one every train.val_every-th
         # (the time is spent on training instead)
-        validated = C.validates_epoch(cfg, epoch, low_res)
+        validated = C.validates_epoch(cfg, epoch, low_res, _last_validated(log_rows, builder.geo.pad_to))
         improved, val_loss, metric, iou, val_s = False, math.nan, math.nan, math.nan, 0.0
         if validated:
             t_val = time.time()
@@ -629,6 +629,12 @@ class ProgressLog:
         log.info("fold %d epoch %d/%d: batch %d/%d, loss %.4f, %.1f img/s, epoch ETA %s", self.fold,
                  self.epoch + 1, self.n_epochs, done, self.n_batches, loss, seen / (now - self.t0),
                  _clock(now + (self.n_batches - done) / max(rate, 1e-9)))
+
+
+def _last_validated(log_rows: list[dict], full_px: int) -> int | None:
+    """The last full-size epoch the log shows validated (a resumed fold reads it from log.csv)."""
+    return max((int(r["epoch"]) for r in log_rows
+                if str(r.get("val_metric", "")) != "" and str(r.get("input_px")) == str(full_px)), default=None)
 
 
 def _read_log(path: Path) -> list[dict]:
