@@ -8,9 +8,10 @@ training batch and size, in both memory layouts, and the whole step split by ope
 Each part is the best of a few repetitions in fp32 (the precision the probe picks where bf16 is
 emulated; on a CPU with native bf16 the training step runs in bf16 and these fp32 figures explain
 the fp32 peak fraction only). The first convolution's backward to its input is not needed in
-training (the input needs no gradient) and is left out of the sums. A convolution's backward to
-its input is the forward kernel on the flipped weights in oneDNN (same time, same result), so
-what there is to gain lies in the backward to the weights and in the memory-bound operators.
+training (the input needs no gradient) and is left out of the sums. A stride-1 convolution's
+backward to its input took the time of the forward on the flipped, transposed weights and gave the
+same result (checked on the AVX2 EPYC), so what there is to gain lies in the backward to the
+weights and in the memory-bound operators.
 """
 
 import argparse
