@@ -3,7 +3,7 @@ of a config's model timed alone (forward, backward to its input, backward to its
 training batch and size, in both memory layouts, and the whole step split by operator with
 ``torch.profiler`` (convolution forward / backward, batch norm, the rest).
 
-    python bench/bench_conv_parts.py [--config cpu_budget] [--batch 32] [--px 112] [--set KEY=VALUE ...]
+    python bench/bench_conv_parts.py [--config cpu_budget] [--batch 32] [--px 112] [--set KEY=VALUE ... --tag NAME]
 
 Each part is the best of a few repetitions in fp32 (the precision the probe picks where bf16 is
 emulated; on a CPU with native bf16 the training step runs in bf16 and these fp32 figures explain
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_train_throughput import fp32_peak
-from common import kind_tag, save
+from common import add_variant_args, kind_tag, save, variant_suffix
 
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
@@ -103,11 +103,9 @@ def main():
     p.add_argument("--config", default="cpu_budget")
     p.add_argument("--batch", type=int, default=None, help="default: the config's train.batch_size")
     p.add_argument("--px", type=int, default=None, help="input size (default: the config's full size)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--tag", default=None, help="suffix of the result file (for a --set variant)")
+    add_variant_args(p)
     a = p.parse_args()
-    if a.set and not a.tag:
-        p.error("--set needs --tag: the variant's results must not overwrite the config's")
+    tag = variant_suffix(p, a)
     cfg = load_config(a.config, a.set)
     batch = a.batch or cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
@@ -149,7 +147,6 @@ def main():
         "step": split,
         "step_fraction_of_fp32_peak": round(sum(gflop.values()) / split["step_ms_profiled"] * 1e12 / peak, 3),
     }
-    tag = f"_{a.tag}" if a.tag else ""
     save(f"conv_parts_{cfg['name']}{tag}_{px}px_{kind_tag()}", result, echo=False)
     print(f"{'convolution':28s} {'GFLOP':>6s}  fwd ms (GF/s)   bwd-input ms (GF/s)  bwd-weight ms (GF/s)   NCHW f/bi/bw ms")
     for r in rows:

@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import kind_tag, save
+from common import add_variant_args, kind_tag, save, variant_suffix
 
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
@@ -63,11 +63,9 @@ def main():
     p.add_argument("--config", default="cpu_budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default: the config's train.batch_size")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--tag", default=None, help="suffix of the result file (for a --set variant)")
+    add_variant_args(p)
     a = p.parse_args()
-    if a.set and not a.tag:
-        p.error("--set needs --tag: the variant's results must not overwrite the config's")
+    tag = variant_suffix(p, a)
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -105,7 +103,6 @@ def main():
                            "vs_fastest": round(v / best, 3)} for k, v in rates.items()},
         "auto_choice": choice.name, "auto_vs_fastest": round(rates[choice.name] / best, 3),
     }
-    tag = f"_{a.tag}" if a.tag else ""
     save(f"train_throughput_{device.type}_{cfg['name']}{tag}_{kind_tag(device.type)}", result)
 
 

@@ -38,6 +38,20 @@ def kind_tag(device_type: str = "cpu") -> str:
     return H.cpu_kind().split()[0].lower().replace("-", "") if device_type == "cpu" else "gpu"
 
 
+def add_variant_args(p) -> None:
+    """``--set`` (measure a variant of the config) and ``--tag`` (its result file's suffix)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--tag", default=None, help="suffix of the result file (for a --set variant)")
+
+
+def variant_suffix(p, a) -> str:
+    """The result file name's suffix for ``--tag``; a ``--set`` without one is refused, so that a
+    variant's results never overwrite the config's."""
+    if a.set and not a.tag:
+        p.error("--set needs --tag: the variant's results must not overwrite the config's")
+    return f"_{a.tag}" if a.tag else ""
+
+
 def save(name: str, result: dict, echo: bool = True) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"hardware": hardware(), **result}
