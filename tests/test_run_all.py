@@ -108,7 +108,86 @@ def test_parallel_folds_orchestration(first_run, tmp_path, gpus_per_fold):
     assert Path(r.stdout.strip().splitlines()[-1]).exists()
 
 
+def test_cpu_data_parallel_training(first_run, tmp_path):
+    """train.cpu_processes 2 on a CPU: the folds train in two gloo processes of one thread each (rank 0
+    on the console and in train.log, rank 1 in train_rank1.log); CV and prediction follow as usual."""
+    from tgs_salt.pipeline import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("needs 2 cores")
+    tmp, cfg, _ = first_run
+    r = run_all(tmp, "--config", cfg, "--data-dir", tmp / "data", "--run-dir", tmp_path / "run", "--device", "cpu",
+                "--set", "train.cpu_processes=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "in 2 processes of " in r.stderr and "fold 1 done" in r.stderr
+    import json
+
+    done = [json.loads((tmp_path / "run" / f"fold{k}" / "done.json").read_text()) for k in (0, 1)]
+    assert all(d["world_size"] == 2 for d in done)
+    logs = tmp_path / "run" / "logs"
+    assert "fold 1 done" in (logs / "train.log").read_text() and (logs / "train_rank1.log").exists()
+    assert Path(r.stdout.strip().splitlines()[-1]).exists()
+    # a global batch the processes cannot share is refused before anything starts
+    r = run_all(tmp, "--config", cfg, "--data-dir", tmp / "data", "--run-dir", tmp_path / "run2", "--device", "cpu",
+                "--set", "train.cpu_processes=2", "--set", "train.batch_size=5")
+    assert r.returncode != 0 and "not divisible by the 2 training processes" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run2" / "fold0").exists()
+
+
 # ----------------------------------------------------------------------------- in process
+
+def test_cpu_processes_choice():
+    from tgs_salt.config import load_config
+    from tgs_salt.errors import UserError
+    from tgs_salt.pipeline import cpu_processes
+
+    cfg = load_config("cpu_budget", ["train.cpu_processes=2"])
+    assert cpu_processes(cfg, "cpu", cores=2) == (2, 1)
+    assert cpu_processes(cfg, "cpu", cores=8) == (2, 4)
+    assert cpu_processes(cfg, "cpu", cores=1) == (1, 0)     # one core: the usual single process
+    assert cpu_processes(cfg, "cuda", cores=8) == (1, 0)    # GPUs have their own slots
+    cfg["train"]["cpu_processes"] = 3
+    with pytest.raises(UserError, match="batch_size 32 is not divisible by the 3 training processes"):
+        cpu_processes(cfg, "cpu", cores=4)
+
+
+def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys):
+    """Rank 1 fails at once: rank 0, which would wait for it forever, is stopped, and the error names
+    rank 1 and its log rather than the rank that was stopped."""
+    import io
+
+    from tgs_salt import pipeline
+
+    started = []
+
+    class FakeProc:
+        def __init__(self, cmd, stdout=None, stderr=None, env=None, **kw):
+            self.rank = int(env["RANK"])
+            assert env["WORLD_SIZE"] == "2" and env["OMP_NUM_THREADS"] == "1" and cmd[-2:] == ["--threads", "1"]
+            self.code = 1 if self.rank == 1 else None
+            self.stdout = io.StringIO("rank 0 says hello\n") if self.rank == 0 else None
+            started.append(self)
+
+        def poll(self):
+            return self.code
+
+        def wait(self):
+            deadline = time.time() + 20
+            while self.code is None:  # rank 0 runs until it is stopped
+                assert time.time() < deadline, "rank 0 was never stopped"
+                time.sleep(0.05)
+            return self.code
+
+        def terminate(self):
+            self.code = -15
+
+    import time
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", FakeProc)
+    with pytest.raises(pipeline.UserError, match=r"rank 1 exited with 1 \(see .*train_rank1.log\)"):
+        pipeline.train_on_cpu_ranks(2, 1, ["--config", "x"], tmp_path / "train.log")
+    assert started[0].code == -15
+    assert "rank 0 says hello" in capsys.readouterr().err and "hello" in (tmp_path / "train.log").read_text()
 
 def test_gpu_slots_respect_visible_devices(monkeypatch):
     from tgs_salt.errors import UserError

@@ -79,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 1,                 # validate every n-th full-size epoch and the planned last (n apart, the first
                                         # counted back from the last); select: best, early stopping, plateau see only those
         "sync_bn": False,               # SyncBatchNorm under torchrun
+        "cpu_processes": 1,             # ./run_all.sh on a CPU: train data-parallel in this many processes (at most
+                                        # one per core; the cores shared out as threads; BatchNorm per process)
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
         "side_loss": "bce",             # loss of each deep-supervision side output (model.deep_supervision)
@@ -152,6 +154,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),
+    ("train", "cpu_processes"): (int, 1, 1024, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
     ("train", "side_loss_weight"): (float, 0, 100, False),

@@ -202,6 +202,85 @@ def train_queue(folds: list[int], slots: list[str], train_args: list[str], log_d
         raise UserError("training failed: " + "; ".join(failed))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_processes(cfg: dict, device_type: str, cores: int | None = None) -> tuple[int, int]:
+    """(processes, threads per process) that train on a CPU: ``train.cpu_processes``, at most one per
+    core, the cores shared out among them; (1, 0) on a GPU or with one process (0: train's own default)."""
+    want = cfg["train"]["cpu_processes"]
+    cores = cores or usable_cores()
+    n = min(want, cores)
+    if device_type != "cpu" or n <= 1:
+        return 1, 0
+    if cfg["train"]["batch_size"] % n:
+        raise UserError(f"train.batch_size {cfg['train']['batch_size']} is not divisible by the {n} training "
+                        f"processes (train.cpu_processes {want} on {cores} cores)")
+    return n, cores // n
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Path) -> None:
+    """``train`` data-parallel in ``n`` local processes of ``threads`` threads each (the gloo backend,
+    as torchrun would start them). Rank 0's output goes to the console and ``log_path``, each other
+    rank's to ``train_rank<r>.log`` beside it. If a rank fails, the others are stopped (they would
+    wait for it in the next collective) and the failure is named with its log."""
+    port = str(free_port())
+    procs: list[subprocess.Popen] = []
+    logs = [log_path] + [log_path.with_name(f"train_rank{r}.log") for r in range(1, n)]
+
+    def watch() -> None:  # a rank that fails stops the group
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                return
+            time.sleep(0.5)
+
+    with contextlib.ExitStack() as files:
+        try:
+            for r in range(n):
+                env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(n), RANK=str(r),
+                           LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), OMP_NUM_THREADS=str(threads))
+                cmd = [sys.executable, "-m", "tgs_salt", "train", *train_args, "--threads", str(threads)]
+                out = subprocess.PIPE if r == 0 else files.enter_context(open(logs[r], "w"))
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True,
+                                              bufsize=1))
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            fh = files.enter_context(open(log_path, "a"))
+            for line in procs[0].stdout:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                fh.write(line)
+                fh.flush()
+            codes = [p.wait() for p in procs]
+            watcher.join(timeout=5)
+        except BaseException:  # Ctrl-C, or a rank that could not start: no orphaned ranks
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            raise
+    bad = [(r, c) for r, c in enumerate(codes) if c != 0]
+    if bad:
+        first = next(((r, c) for r, c in bad if c > 0), bad[0])  # the one that failed, not the ones stopped
+        raise UserError(f"training in {n} processes failed: rank {first[0]} exited with {first[1]} "
+                        f"(see {logs[first[0]]})")
+
+
 def count_gpus(device: str) -> int:
     if device == "cpu":
         return 0
@@ -251,8 +330,13 @@ def run_command(args) -> int:
         with stages("train", f"folds {folds} from a queue"):
             train_queue(folds, slots, train_args, stages.log_dir, run_dir, args.gpus_per_fold)
     else:
-        with stages("train", f"folds {folds}"):
-            _cli("train", *train_args, "--folds", ",".join(map(str, folds)))
+        procs, threads = cpu_processes(cfg, device_type)
+        with stages("train", f"folds {folds}" + (f" in {procs} processes of {threads} thread(s)" if procs > 1
+                                                  else "")) as log_path:
+            if procs > 1:
+                train_on_cpu_ranks(procs, threads, [*train_args, "--folds", ",".join(map(str, folds))], log_path)
+            else:
+                _cli("train", *train_args, "--folds", ",".join(map(str, folds)))
             for f in folds:
                 print(f"== [train fold {f}] {fold_status(run_dir, f)}", file=sys.stderr, flush=True)
 
