@@ -123,7 +123,7 @@ def test_cpu_data_parallel_training(first_run, tmp_path):
     import json
 
     done = [json.loads((tmp_path / "run" / f"fold{k}" / "done.json").read_text()) for k in (0, 1)]
-    assert all(d["world_size"] == 2 for d in done)
+    assert all(d["world_size"] == 2 and len(set(d["weights_sha1_per_rank"])) == 1 for d in done)  # in step
     logs = tmp_path / "run" / "logs"
     assert "fold 1 done" in (logs / "train.log").read_text() and (logs / "train_rank1.log").exists()
     assert Path(r.stdout.strip().splitlines()[-1]).exists()
@@ -155,6 +155,7 @@ def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys):
     """Rank 1 fails at once: rank 0, which would wait for it forever, is stopped, and the error names
     rank 1 and its log rather than the rank that was stopped."""
     import io
+    import time
 
     from tgs_salt import pipeline
 
@@ -181,13 +182,12 @@ def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys):
         def terminate(self):
             self.code = -15
 
-    import time
-
     monkeypatch.setattr(pipeline.subprocess, "Popen", FakeProc)
     with pytest.raises(pipeline.UserError, match=r"rank 1 exited with 1 \(see .*train_rank1.log\)"):
         pipeline.train_on_cpu_ranks(2, 1, ["--config", "x"], tmp_path / "train.log")
     assert started[0].code == -15
     assert "rank 0 says hello" in capsys.readouterr().err and "hello" in (tmp_path / "train.log").read_text()
+
 
 def test_gpu_slots_respect_visible_devices(monkeypatch):
     from tgs_salt.errors import UserError
