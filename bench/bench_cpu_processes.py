@@ -98,10 +98,10 @@ def main():
             for size, extra in sizes.items():
                 one = Path(tmp) / f"one_{size}_{rnd}"
                 t0 = time.time()
-                r = subprocess.run([sys.executable, "-m", "tgs_salt", "train", *common, *extra, "--run-dir",
-                                    str(one), "--threads", str(cores)], capture_output=True, text=True, check=False)
-                if r.returncode:
-                    sys.exit(f"one-process training failed:\n{r.stderr[-3000:]}")
+                proc = subprocess.run([sys.executable, "-m", "tgs_salt", "train", *common, *extra, "--run-dir",
+                                       str(one), "--threads", str(cores)], capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    sys.exit(f"one-process training failed:\n{proc.stderr[-3000:]}")
                 t1 = time.time()
                 many = Path(tmp) / f"many_{size}_{rnd}"
                 train_on_cpu_ranks(a.processes, threads, [*common, *extra, "--run-dir", str(many)],
