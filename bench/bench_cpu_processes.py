@@ -30,7 +30,8 @@ from bench_train_throughput import fp32_peak, train_flops_per_image
 from common import add_variant_args, kind_tag, precision, save, variant_suffix
 
 from tgs_salt.config import load_config
-from tgs_salt.pipeline import train_on_cpu_ranks, usable_cores
+from tgs_salt.hardware import usable_cores
+from tgs_salt.pipeline import train_on_cpu_ranks
 
 
 def precision_sets(p) -> list[str]:

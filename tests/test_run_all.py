@@ -111,7 +111,7 @@ def test_parallel_folds_orchestration(first_run, tmp_path, gpus_per_fold):
 def test_cpu_data_parallel_training(first_run, tmp_path):
     """train.cpu_processes 2 on a CPU: the folds train in two gloo processes of one thread each (rank 0
     on the console and in train.log, rank 1 in train_rank1.log); CV and prediction follow as usual."""
-    from tgs_salt.pipeline import usable_cores
+    from tgs_salt.hardware import usable_cores
 
     if usable_cores() < 2:
         pytest.skip("needs 2 cores")
@@ -136,7 +136,9 @@ def test_cpu_data_parallel_training(first_run, tmp_path):
 
 # ----------------------------------------------------------------------------- in process
 
-def test_cpu_processes_choice():
+def test_cpu_processes_choice(monkeypatch):
+    import os
+
     from tgs_salt.config import load_config
     from tgs_salt.errors import UserError
     from tgs_salt.pipeline import cpu_processes
@@ -149,6 +151,12 @@ def test_cpu_processes_choice():
     cfg["train"]["cpu_processes"] = 3
     with pytest.raises(UserError, match="batch_size 32 is not divisible by the 3 training processes"):
         cpu_processes(cfg, "cpu", cores=4)
+    # the cores counted are the ones this process may run on (a container's affinity), not the host's
+    cfg["train"]["cpu_processes"] = 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert cpu_processes(cfg, "cpu") == (1, 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cpu_processes(cfg, "cpu") == (2, 2)
 
 
 def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys):

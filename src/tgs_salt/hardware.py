@@ -39,6 +39,14 @@ AUTO = "auto"
 
 # ----------------------------------------------------------------------------- CPU and GPU facts
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_flags(limit: str | None = None) -> set[str]:
     """The CPU's flags as the convolutions see them: those of ``/proc/cpuinfo`` minus what
     ``ONEDNN_MAX_CPU_ISA`` (``limit``, default: read from the environment) keeps oneDNN from using."""

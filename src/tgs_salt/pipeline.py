@@ -202,17 +202,11 @@ def train_queue(folds: list[int], slots: list[str], train_args: list[str], log_d
         raise UserError("training failed: " + "; ".join(failed))
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def cpu_processes(cfg: dict, device_type: str, cores: int | None = None) -> tuple[int, int]:
     """(processes, threads per process) that train on a CPU: ``train.cpu_processes``, at most one per
     core, the cores shared out among them; (1, 0) on a GPU or with one process (0: train's own default)."""
+    from tgs_salt.hardware import usable_cores
+
     want = cfg["train"]["cpu_processes"]
     cores = cores or usable_cores()
     n = min(want, cores)

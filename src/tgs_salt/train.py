@@ -894,7 +894,7 @@ def train_command(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         elif ctx.enabled and device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+            torch.set_num_threads(max(1, hardware.usable_cores() // ctx.world))
         data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
         run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
         folds_to_train = parse_folds(args.fold, args.folds, cfg)
@@ -943,7 +943,7 @@ def train_command(args) -> int:
             return 0
 
         workers = args.workers if args.workers is not None else (
-            min(6, max((os.cpu_count() or 1) // ctx.world - 1, 0)) if device.type == "cuda" else 0)
+            min(6, max(hardware.usable_cores() // ctx.world - 1, 0)) if device.type == "cuda" else 0)
         for fold in folds_to_train:
             fdir = RunDir(run_dir).fold(fold)
             if fold not in pending:
