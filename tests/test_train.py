@@ -696,3 +696,24 @@ def test_shipped_config_trains_shortened_on_cpu(name, tmp_path, synth_dir):
     assert done["epochs_run"] == len(cfg["train"]["stages"]) and done["select"] == cfg["train"]["select"]
     with np.load(tmp_path / "r" / "fold0" / "oof.npz") as z:
         assert ("cls" in z.files) == cfg["model"]["cls_head"] and len(z["ids"]) == (folds == 0).sum()
+
+
+def test_progress_line_counts_every_process(monkeypatch, caplog):
+    """Without a terminal, a line every 30 s: images/s of all data-parallel processes (as the epoch's
+    last line), ETA from the batches left."""
+    import logging
+    import time
+    import types
+
+    from tgs_salt import train
+
+    clock = iter([1000.0, 1031.0, 1040.0])
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: next(clock), strftime=time.strftime,
+                                                             localtime=time.localtime))
+    caplog.set_level(logging.INFO, logger="tgs_salt.train")
+    p = train.ProgressLog(fold=0, epoch=4, n_epochs=10, n_batches=75, enabled=True, world=2)
+    p.update(done=31, loss=0.5, seen=31 * 16)    # 31 s in: 496 images here, as many in the other process
+    p.update(done=40, loss=0.5, seen=40 * 16)    # 9 s later: no line
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "epoch 5/10: batch 31/75, loss 0.5000, 32.0 img/s" in line    # 2 x 496 / 31 s
+    assert line.endswith(train._clock(1031.0 + 44 * 1.0))

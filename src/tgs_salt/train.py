@@ -465,7 +465,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                                 f"({loss_name}, lr {lr:.2e}); training stopped, {kept}. Lower train.lr "
                                 "or check the data")
 
-        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main)
+        progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main, world=ctx.world)
         # never back to the low resolution once past it (a re-plan that adds epochs moves the switch)
         low_res = low_builder is not None and not went_full and epoch < C.low_res_epochs(cfg)
         went_full = went_full or not low_res
@@ -613,11 +613,14 @@ def start_epoch_of(last_path: Path) -> str:
 
 class ProgressLog:
     """When no progress bar shows (output is not a terminal): a log line every ``every`` seconds
-    within an epoch, with the loss, images/s and the epoch's ETA."""
+    within an epoch, with the loss, images/s and the epoch's ETA. Logged by the main process of
+    ``world`` data-parallel ones, which train the same number of batches each: images/s counts all
+    of them (as the end-of-epoch line does); the loss is the main process's."""
 
-    def __init__(self, fold: int, epoch: int, n_epochs: int, n_batches: int, enabled: bool, every: float = 30.0):
+    def __init__(self, fold: int, epoch: int, n_epochs: int, n_batches: int, enabled: bool, every: float = 30.0,
+                 world: int = 1):
         self.fold, self.epoch, self.n_epochs, self.n_batches = fold, epoch, n_epochs, n_batches
-        self.enabled, self.every = enabled, every
+        self.enabled, self.every, self.world = enabled, every, world
         self.t0 = self.last = time.time()
 
     def update(self, done: int, loss: float, seen: int) -> None:
@@ -627,7 +630,7 @@ class ProgressLog:
         self.last = now
         rate = done / (now - self.t0)
         log.info("fold %d epoch %d/%d: batch %d/%d, loss %.4f, %.1f img/s, epoch ETA %s", self.fold,
-                 self.epoch + 1, self.n_epochs, done, self.n_batches, loss, seen / (now - self.t0),
+                 self.epoch + 1, self.n_epochs, done, self.n_batches, loss, seen * self.world / (now - self.t0),
                  _clock(now + (self.n_batches - done) / max(rate, 1e-9)))
 
 
