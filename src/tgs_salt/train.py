@@ -29,7 +29,15 @@ import yaml
 from tgs_salt import budget as B
 from tgs_salt import config as C
 from tgs_salt import hardware, paths
-from tgs_salt.distributed import DistContext, all_gather_objects, barrier, init_distributed, shutdown, sync_buffers
+from tgs_salt.distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    convert_sync_batchnorm_cpu,
+    init_distributed,
+    shutdown,
+    sync_buffers,
+)
 from tgs_salt.ema import EMA
 from tgs_salt.errors import UserError
 from tgs_salt.hardware import Precision, resolve_device
@@ -344,8 +352,8 @@ def _setup_model(cfg: dict, device, precision: Precision, ctx: DistContext):
     if ctx.enabled and t["sync_bn"]:
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.is_main:
-            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm")
+        else:  # torch's SyncBatchNorm is GPU-only
+            model = convert_sync_batchnorm_cpu(model)
     model = model.to(device=device, memory_format=precision.memory_format)
     fwd_model = model
     if ctx.enabled:
