@@ -66,13 +66,22 @@ def shutdown(ctx: DistContext) -> None:
 # normalises with the statistics of every process's batch, as SyncBatchNorm does: per channel, the
 # count, sum and sum of squares are all-reduced in the forward pass, the gradient's two sums in the
 # backward one. Both passes use oneDNN's fused batch-norm kernels (torch.var_mean is ~10x slower on
-# channels_last): 1.05x the step time of plain BatchNorm for the cpu_budget model (bench/results/
-# cpu_processes_*), plus two small all-reduces per layer.
+# channels_last): in one process 1.05x the step time of plain BatchNorm for the cpu_budget model
+# (measured once); between two gloo processes the two all-reduces per layer cost far more: 2 processes
+# train at 0.69-0.74x one process's images/s (bench/results/cpu_processes_cpu_budget_avx2_sync_bn*.json).
+
+
+_BN_GROUPS: dict = {}
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        # a group of its own: on the default one, the backward pass's sums would queue behind DDP's
+        # gradient buckets (made by every process at its first BatchNorm layer, so in the same order)
+        key = id(dist.group.WORLD)
+        if key not in _BN_GROUPS:
+            _BN_GROUPS[key] = dist.new_group(backend="gloo")
+        dist.all_reduce(t, group=_BN_GROUPS[key])
     return t
 
 
