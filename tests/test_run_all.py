@@ -1,6 +1,7 @@
 """./run_all.sh end to end on tiny synthetic data in a temporary directory."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,9 +118,10 @@ def test_cpu_data_parallel_training(first_run, tmp_path):
         pytest.skip("needs 2 cores")
     tmp, cfg, _ = first_run
     r = run_all(tmp, "--config", cfg, "--data-dir", tmp / "data", "--run-dir", tmp_path / "run", "--device", "cpu",
-                "--set", "train.cpu_processes=2")
+                "--set", "train.cpu_processes=2", "--set", "train.sync_bn=true")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "in 2 processes of " in r.stderr and "fold 1 done" in r.stderr
+    assert re.search(r"train.sync_bn: [1-9]\d* BatchNorm layers normalise over the 2 processes", r.stderr)
     import json
 
     done = [json.loads((tmp_path / "run" / f"fold{k}" / "done.json").read_text()) for k in (0, 1)]

@@ -354,6 +354,10 @@ def _setup_model(cfg: dict, device, precision: Precision, ctx: DistContext):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # torch's SyncBatchNorm is GPU-only
             model = convert_sync_batchnorm_cpu(model)
+            if ctx.is_main:
+                n = sum(type(m).__name__ == "SyncBatchNormCPU" for m in model.modules())
+                log.info("train.sync_bn: %d BatchNorm layers normalise over the %d processes' batches "
+                         "(SyncBatchNormCPU)", n, ctx.world)
     model = model.to(device=device, memory_format=precision.memory_format)
     fwd_model = model
     if ctx.enabled:
