@@ -31,6 +31,7 @@ from tgs_salt import config as C
 from tgs_salt import hardware, paths
 from tgs_salt.distributed import (
     DistContext,
+    SyncBatchNormCPU,
     all_gather_objects,
     barrier,
     convert_sync_batchnorm_cpu,
@@ -355,7 +356,7 @@ def _setup_model(cfg: dict, device, precision: Precision, ctx: DistContext):
         else:  # torch's SyncBatchNorm is GPU-only
             model = convert_sync_batchnorm_cpu(model)
             if ctx.is_main:
-                n = sum(type(m).__name__ == "SyncBatchNormCPU" for m in model.modules())
+                n = sum(isinstance(m, SyncBatchNormCPU) for m in model.modules())
                 log.info("train.sync_bn: %d BatchNorm layers normalise over the %d processes' batches "
                          "(SyncBatchNormCPU)", n, ctx.world)
     model = model.to(device=device, memory_format=precision.memory_format)
