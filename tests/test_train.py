@@ -179,6 +179,10 @@ def test_cv_report(trained, synth_dir):
         assert applied == {"threshold": 0.5, "min_area": 0, "cls_threshold": None}
     assert "applied to the test set" in r.stdout
     assert len(out["per_coverage"]) == 11 and sum(b["n"] for b in out["per_coverage"]) == out["n_images"]
+    bins = out["per_coverage"]  # bin 0: the empty masks, where an empty prediction is the right one
+    assert bins[0]["bin"] == "empty" and all(0 <= b["predicted_empty"] <= b["n"] for b in bins)
+    right = bins[0]["predicted_empty"] + sum(b["n"] - b["predicted_empty"] for b in bins[1:])
+    assert right == round(out["empty_accuracy"] * out["n_images"]) and "predicted empty" in r.stdout
     assert "CV score:" in r.stdout
     for png in ("score_vs_threshold", "score_by_coverage", "empty_decision", "training_curves",
                 "worst_predictions"):

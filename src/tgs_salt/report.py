@@ -124,6 +124,7 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
     inter = np.logical_and(pred, truth).sum()
     psum, tsum = pred.sum(), truth.sum()
     empty = ~truth.any(axis=(1, 2))
+    pred_empty = ~pred.any(axis=(1, 2))  # right in the empty bin; a score of 0 in every other
     result = {
         "runs": [str(r) for r in run_dirs], "weights": w.round(6).tolist(), "data_dir": str(data_dir),
         "n_images": len(ids), "folds": sorted(int(f) for f in np.unique(folds)),
@@ -138,11 +139,12 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
         "all_empty_score": round(float(empty.mean()), 6),
         "per_fold": {int(f): round(float(scores[folds == f].mean()), 6) for f in np.unique(folds)},
         "per_coverage": [{"bin": COVERAGE_LABELS[c], "n": int((cov == c).sum()),
-                          "score": round(float(scores[cov == c].mean()), 6) if (cov == c).any() else None}
+                          "score": round(float(scores[cov == c].mean()), 6) if (cov == c).any() else None,
+                          "predicted_empty": int((pred_empty & (cov == c)).sum())}
                          for c in range(11)],
         "pixel_iou": round(float(inter / max(psum + tsum - inter, 1)), 6),
         "dice": round(float(2 * inter / max(psum + tsum, 1)), 6),
-        "empty_accuracy": round(float((pred.any(axis=(1, 2)) == ~empty).mean()), 6),
+        "empty_accuracy": round(float((pred_empty == empty).mean()), 6),
     }
     leaky = sorted(f"{Path(r).name}/{d.parent.name}" for r in run_dirs for d in Path(r).glob("fold*/done.json")
                    if json.loads(d.read_text()).get("pseudo_labels", {}).get("leaks_held_out"))
@@ -170,10 +172,11 @@ def print_report(r: dict) -> None:
           f"Dice {r['dice']:.4f}   empty/non-empty accuracy {r['empty_accuracy']:.4f}")
     what = f" ({r['applied']} post-processing)" if "applied" in r else ""
     print(f"  per fold{what}: " + "  ".join(f"{k}: {v:.4f}" for k, v in r["per_fold"].items()))
-    print(f"  per coverage bin{what}:")
+    print(f"  per coverage bin{what}; an empty prediction is right in the empty bin, scores 0 in the others:")
     for b in r["per_coverage"]:
         s = "   -  " if b["score"] is None else f"{b['score']:.4f}"
-        print(f"    {b['bin']:>8s}  n={b['n']:>5d}  {s}")
+        e = f"  predicted empty {b['predicted_empty']:>4d}" if "predicted_empty" in b else ""  # older cv.json: absent
+        print(f"    {b['bin']:>8s}  n={b['n']:>5d}  {s}{e}")
     if r.get("optimistic_pseudo_labels"):
         print(f"  OPTIMISTIC: {', '.join(r['optimistic_pseudo_labels'])} trained on pseudo-labels from models that "
               "had seen their held-out images")
