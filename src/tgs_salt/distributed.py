@@ -71,6 +71,9 @@ def shutdown(ctx: DistContext) -> None:
 # train at 0.69-0.74x one process's images/s (bench/results/cpu_processes_cpu_budget_avx2_sync_bn*.json).
 
 
+# The BatchNorm process group per default group, made on the first synchronised forward pass (every
+# process reaches it in the same order). Kept here, not on the layers: the EMA copy deep-copies the
+# model, and a process group can be neither copied nor pickled.
 _BN_GROUPS: dict = {}
 
 
