@@ -139,7 +139,7 @@ def test_symmetric_lovasz_is_the_mean_of_both_hinges():
     want = 0.5 * (lovasz_hinge(b, y) + lovasz_hinge(-b, 1 - y))
     got.backward()
     want.backward()
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9)
     assert float(lovasz_symmetric(x, y)) != pytest.approx(float(lovasz_hinge(x, y)), rel=1e-3)
 
