@@ -3,7 +3,7 @@ run on this machine: the variants' training steps are timed in alternating round
 neighbour slows them alike) and reported as images/s and as a ratio to the config's own.
 
     python bench/bench_variant_cost.py --config cpu_budget \
-        --variant ds model.deep_supervision=true --variant hc model.hypercolumn=true [--rounds 4]
+        --variant ds model.deep_supervision=true --variant hc model.hypercolumn=true [--rounds 4] [--suffix S]
 
 A step is the real one: forward, the stage's loss on the mask, the side outputs' and the
 classifier's losses when the variant has them, backward and an AdamW step, in the precision and
@@ -68,6 +68,8 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--precision", default=None, help="e.g. bf16+NCHW (default: the probe's choice for the config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--suffix", default="", help="appended to the results file's name, so that a measurement "
+                   "of other variants does not replace an earlier one")
     a = p.parse_args()
     if not a.variant:
         p.error("give at least one --variant NAME KEY=VALUE ...")
@@ -97,7 +99,8 @@ def main():
                             "cost_vs_config": round(ref / med[name], 3)}
                      for name, sets in [(a.config, [])] + [(v[0], v[1:]) for v in a.variant]},
     }
-    save(f"variant_cost_{device.type}_{base['name']}_{kind_tag(device.type)}", result)
+    save(f"variant_cost_{device.type}_{base['name']}_{kind_tag(device.type)}{'_' + a.suffix if a.suffix else ''}",
+         result)
 
 
 if __name__ == "__main__":

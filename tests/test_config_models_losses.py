@@ -40,6 +40,8 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"optimizer": "lion"}}, "adamw"),
     ({"input": {"channels": ["image", "colour"]}}, "image_x_row"),
     ({"input": {"pad_to": 100}}, "multiple of 32"),
+    ({"input": {"resize": 8}}, "input.resize = 8"),
+    ({"input": {"resize": 130}}, "input.pad_to = 128; a multiple of 32 (2^5 for model.encoder_depth 5) and >= input.resize"),
     ({"input": {"pad_to": 112}}, "multiple of 32 (2^5 for model.encoder_depth 5)"),
     ({"model": {"encoder_depth": 4}, "input": {"pad_to": 112}}, "needs one per encoder stage: model.encoder_depth = 4"),
     ({"model": {"encoder_depth": 6}}, "model.encoder_depth = 6; 3, 4 or 5"),
@@ -70,6 +72,9 @@ def test_overrides_and_unknown_config_name():
     assert "cpu_budget" in str(e.value)
     with pytest.raises(UserError):
         C.load_config("demo", ["train.batch_size"])
+    # scaled down to 90 px in a 96 px canvas: the 3 px TTA shift still fits in the padding
+    cfg = C.load_config("cpu_budget", ["input.resize=90", "input.pad_to=96"])
+    assert (cfg["input"]["resize"], cfg["input"]["pad_to"], cfg["predict"]["tta_shift"]) == (90, 96, 3)
 
 
 @pytest.mark.parametrize("arch", ["plain_unet", "plain_unet_strided", "fcn"])

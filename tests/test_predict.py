@@ -58,7 +58,7 @@ def test_tta_flips_back_and_averages_the_classifier():
 
 def test_pad_crop_contract_with_tta():
     """A pixelwise model through the real input builder: TTA changes nothing, the 101x101 image comes back."""
-    for resize, pad in ((101, 128), (202, 256)):
+    for resize, pad in ((101, 128), (202, 256), (90, 96)):
         builder = InputBuilder(["image", "depth", "row"], Geometry(resize, pad))
         img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 101, 101), dtype=np.uint8))
         x = builder(img, torch.tensor([100.0, 500.0]))
@@ -84,7 +84,7 @@ def test_shift_tta_pixelwise_model_unchanged():
     def model(inp):
         return inp[:, :1] * 2.0 + inp[:, -1:]  # the image and the row plane, which moves with the image
 
-    for resize, pad, shift in ((101, 112, 3), (101, 112, 5), (101, 128, 13), (202, 256, 4)):
+    for resize, pad, shift in ((101, 112, 3), (101, 112, 5), (101, 128, 13), (202, 256, 4), (90, 96, 3)):
         builder = InputBuilder(["image", "depth", "row"], Geometry(resize, pad))
         one, _ = predict_batch(model, builder, img, dep, CPU, FP32, tta=False)
         for tta in (False, True):

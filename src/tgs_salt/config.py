@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "input": {
         "channels": ["image", "depth", "row"],
-        "resize": 101,                  # 101 -> keep; e.g. 202 upscales before padding
+        "resize": 101,                  # 101 -> keep; e.g. 202 upscales before padding, 90 scales down
         "pad_to": 128,
         "pad_mode": "reflect",          # reflect | edge | constant
     },
@@ -126,7 +126,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "cls_head"): (bool, None, None, False),
     ("model", "hypercolumn"): (bool, None, None, False),
     ("model", "deep_supervision"): (bool, None, None, False),
-    ("input", "resize"): (int, 101, 1024, False),
+    ("input", "resize"): (int, 16, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),
     ("augment", "vflip"): (float, 0, 1, False),
@@ -300,7 +300,8 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(isinstance(ch, list) and ch and all(c in CHANNELS for c in ch),
            f"input.channels = {ch!r}; a non-empty list of {', '.join(CHANNELS)}", where)
     r, p = cfg["input"]["resize"], cfg["input"]["pad_to"]
-    _check(isinstance(r, int) and r >= 101, f"input.resize = {r!r}; an integer >= 101", where)
+    _check(isinstance(r, int) and not isinstance(r, bool) and r >= 16,
+           f"input.resize = {r!r}; an integer >= 16 (101 keeps the image, less scales it down, more up)", where)
     m = cfg["model"]
     depth = m["encoder_depth"]
     _check(isinstance(depth, int) and not isinstance(depth, bool) and 3 <= depth <= 5,
