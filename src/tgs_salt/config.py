@@ -300,8 +300,6 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(isinstance(ch, list) and ch and all(c in CHANNELS for c in ch),
            f"input.channels = {ch!r}; a non-empty list of {', '.join(CHANNELS)}", where)
     r, p = cfg["input"]["resize"], cfg["input"]["pad_to"]
-    _check(isinstance(r, int) and not isinstance(r, bool) and r >= 16,
-           f"input.resize = {r!r}; an integer >= 16 (101 keeps the image, less scales it down, more up)", where)
     m = cfg["model"]
     depth = m["encoder_depth"]
     _check(isinstance(depth, int) and not isinstance(depth, bool) and 3 <= depth <= 5,
