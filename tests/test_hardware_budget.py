@@ -491,31 +491,14 @@ def test_calibrator_replans_from_recent_epochs_and_writes_the_plan(tmp_path):
     assert stored["replans"][0]["after_epoch"] == 5 and stored["replans"][0]["from"] == [16, 11]
 
 
-def test_budgeted_run_with_progressive_resizing_measures_the_low_res_step(tmp_path, synth_dir):
-    """The probe times a training step at train.low_res_size too; the plan counts those epochs at
-    their measured cost, and the fold trains its first epochs at that size."""
-    cfg = tiny_config(tmp_path, train={"max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.5,
-                                       "stages": [{"loss": "bce_dice", "epochs": 4}]},
-                      folds={"k": 3, "seed": 1, "train_folds": [0]})
-    run = tmp_path / "run"
-    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
-                "--device", "cpu", "--threads", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    prec = json.loads((run / "precision.json").read_text())
-    plan = json.loads((run / "plan.json").read_text())
-    assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
-    assert 0 < prec["low_res"]["step_cost_vs_full"] <= 1 and "a training step at 64 px costs" in r.stderr
-    assert plan["low_res"]["share"] == 0.5 and 0 < plan["low_res"]["relative_cost"] < 1
-    assert "at low resolution" in r.stderr
-    px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
-    n_low = px.count(64)  # about half (re-plans may move the switch, never back to 64 px after it)
-    assert n_low >= 1 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low
-
-
-def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
-    """A budgeted run writes precision.json and plan.json; an interrupted fold resumes under the
-    same plan; a different budget for the same run directory is refused."""
-    cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2},
+def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, synth_dir):
+    """A budgeted run writes precision.json and plan.json; the probe times a training step at
+    train.low_res_size too, and the plan counts those epochs at their measured cost. An interrupted
+    fold resumes under the same plan and trains its first epochs at that size, never going back to it;
+    a different budget for the same run directory is refused. (One budgeted run for both: each spends
+    its whole minute.)"""
+    cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
+                                       "low_res_size": 64, "low_res_fraction": 0.5},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
@@ -524,8 +507,11 @@ def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
     assert rc == 130, err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
-    assert "time plan: 1 min budget" in err
+    assert "time plan: 1 min budget" in err and "at low resolution" in err
     assert len(prec["precision"]["rates"]) == 4 and prec["train_rate"] > 0 and prec["eval_rate"] > 0
+    assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
+    assert 0 < prec["low_res"]["step_cost_vs_full"] <= 1 and "a training step at 64 px costs" in err
+    assert plan["low_res"]["share"] == 0.5 and 0 < plan["low_res"]["relative_cost"] < 1
     assert sum(plan["epochs"]) >= 2 and len(plan["epochs"]) == 2
     r = run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -534,6 +520,9 @@ def test_plan_is_stored_and_followed_on_resume(tmp_path, synth_dir):
     done = json.loads((run / "fold0" / "done.json").read_text())
     assert done["epochs_run"] == sum(plan["epochs"]) == done["epochs_planned"]
     assert json.loads((run / "plan.json").read_text()) == plan
+    px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
+    n_low = px.count(64)  # about half (re-plans may move the switch, never back to 64 px after it)
+    assert n_low >= 1 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low
     r = run_cli(*args[:-4], "--time-budget", "5", "--device", "cpu", "--force")
     assert r.returncode == 2 and "planned for a 1 min budget" in r.stderr and "Traceback" not in r.stderr
 
