@@ -493,21 +493,23 @@ def test_calibrator_replans_from_recent_epochs_and_writes_the_plan(tmp_path):
 
 def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, synth_dir):
     """A budgeted run writes precision.json and plan.json; the probe times a training step at
-    train.low_res_size too, and the plan counts those epochs at their measured cost. An interrupted
-    fold resumes under the same plan and trains its first epochs at that size, never going back to it;
-    a different budget for the same run directory is refused. (One budgeted run for both: each spends
-    its whole minute.)"""
+    train.low_res_size too, and the plan counts those epochs at their measured cost. The fold trains
+    its first epochs at that size, re-planned after each, and never goes back to it; interrupted after
+    its first full-size epoch (the first best.pt: low-res epochs are not validated), it resumes under
+    the same plan; a different budget for the same run directory is refused. (One budgeted run for
+    all of it: each spends its whole minute.)"""
     cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
                                        "low_res_size": 64, "low_res_fraction": 0.5},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
             "--device", "cpu", "--threads", "1"]
-    rc, err = interrupt_when(cli_cmd(*args), run / "fold0" / "last.pt")
+    rc, err = interrupt_when(cli_cmd(*args), run / "fold0" / "best.pt")
     assert rc == 130, err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
     assert "time plan: 1 min budget" in err and "at low resolution" in err
+    assert not (run / "fold0" / "done.json").exists()
     assert len(prec["precision"]["rates"]) == 4 and prec["train_rate"] > 0 and prec["eval_rate"] > 0
     assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
     assert 0 < prec["low_res"]["step_cost_vs_full"] <= 1 and "a training step at 64 px costs" in err
@@ -522,7 +524,7 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     assert json.loads((run / "plan.json").read_text()) == plan
     px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
     n_low = px.count(64)  # about half (re-plans may move the switch, never back to 64 px after it)
-    assert n_low >= 1 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low
+    assert n_low >= 2 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low + 1
     r = run_cli(*args[:-4], "--time-budget", "5", "--device", "cpu", "--force")
     assert r.returncode == 2 and "planned for a 1 min budget" in r.stderr and "Traceback" not in r.stderr
 
