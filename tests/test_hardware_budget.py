@@ -14,7 +14,7 @@ from helpers import tiny_config
 from tgs_salt import budget as B
 from tgs_salt import hardware as H
 from tgs_salt.errors import UserError
-from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, build_augment
+from tgs_salt.transforms import AugmentedArrays, EmptySubsampler, EpochKeySampler, build_augment, epoch_draw
 
 AUG = {"hflip": 0.5, "vflip": 0.0, "affine_p": 0.5, "shift": 0.06, "scale": 0.1, "rotate": 5.0,
        "brightness_contrast_p": 0.5, "brightness": 0.1, "contrast": 0.1}
@@ -88,6 +88,86 @@ def test_workers_see_the_epoch():
         assert same <= n // 4, same  # P(unchanged) = 1/8 per sample
     in_process = _loader_epochs(ds, workers=0)
     assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process))
+
+
+def test_empty_subsampler_draws_every_salt_image_and_a_fresh_share_of_the_empty_ones():
+    """train.empty_fraction 0.25: each epoch holds all 40 salt images once and 15 of the 60 empty
+    ones, a new draw each epoch; over 400 epochs every empty image is drawn about a quarter of the
+    time (binomial sd 8.7 around 100), uniformly (chi-square), and the same seed repeats the draw."""
+    empty = np.random.default_rng(0).permutation(np.r_[np.ones(60, bool), np.zeros(40, bool)])
+    assert epoch_draw(empty, 0.25) == 55 and epoch_draw(empty, 1.0) == 100
+    s = EmptySubsampler(empty, 0.25, seed=5)
+    counts, draws = np.zeros(100), []
+    for e in range(400):
+        s.set_epoch(e)
+        idx = list(s)
+        assert len(idx) == len(s) == 55 and len(set(idx)) == 55
+        assert set(np.flatnonzero(~empty)) <= set(idx)
+        counts[idx] += 1
+        draws.append(idx)
+    assert (counts[~empty] == 400).all()
+    assert 60 < counts[empty].min() and counts[empty].max() < 140, (counts[empty].min(), counts[empty].max())
+    chi2 = ((counts[empty] - 100) ** 2 / 100).sum()
+    assert chi2 < 99.6, chi2  # 59 degrees of freedom, p = 0.001
+    assert sum(a == b for a, b in itertools.pairwise(draws)) == 0  # the order too changes every epoch
+    again = EmptySubsampler(empty, 0.25, seed=5)
+    again.set_epoch(7)
+    assert list(again) == draws[7]
+    other = EmptySubsampler(empty, 0.25, seed=6)
+    other.set_epoch(7)
+    assert list(other) != draws[7]
+
+
+def test_empty_subsampler_splits_one_draw_over_the_ranks():
+    """Every rank draws the same 55 images and takes its share: disjoint, equal lengths (the
+    remainder dropped, as DistributedSampler's drop_last does)."""
+    empty = np.r_[np.ones(60, bool), np.zeros(40, bool)]
+    ranks = []
+    for r in range(3):
+        s = EmptySubsampler(empty, 0.25, seed=5, world=3, rank=r)
+        s.set_epoch(2)
+        ranks.append(list(s))
+    assert [len(x) for x in ranks] == [18, 18, 18]
+    assert len(set().union(*ranks)) == 54
+    whole = EmptySubsampler(empty, 0.25, seed=5)
+    whole.set_epoch(2)
+    assert set().union(*ranks) <= set(whole)
+    with pytest.raises(ValueError, match="fraction"):
+        EmptySubsampler(empty, 0.0, seed=5)
+
+
+def test_loader_with_empty_fraction(tmp_path):
+    """_loader draws fewer batches with train.empty_fraction 0.5 and keeps the DistributedSampler
+    order at 1.0 (earlier runs' results stay what they were); a draw of nothing is a UserError."""
+    from types import SimpleNamespace
+
+    from tgs_salt.config import load_config
+    from tgs_salt.distributed import DistContext
+    from tgs_salt.train import _loader, images_per_epoch
+
+    n = 40
+    masks = np.zeros((n, 101, 101), bool)
+    masks[:16, 40:60, 40:60] = True  # 16 with salt, 24 empty
+    data = SimpleNamespace(images=np.zeros((n, 101, 101), np.uint8), masks=masks, depths=np.zeros(n, np.float32))
+    idx = np.arange(n)
+    cfg = load_config(str(tiny_config(tmp_path)), ["train.batch_size=4"])
+    _, sampler, n_batches = _loader(cfg, data, idx, 3, torch.device("cpu"), 0, DistContext())
+    assert n_batches == 10 and isinstance(sampler.sampler, torch.utils.data.DistributedSampler)
+    cfg = load_config(str(tiny_config(tmp_path)), ["train.batch_size=4", "train.empty_fraction=0.5"])
+    _, sampler, n_batches = _loader(cfg, data, idx, 3, torch.device("cpu"), 0, DistContext())
+    assert n_batches == 7  # 16 + 12 = 28 images
+    assert images_per_epoch(cfg, masks) == 28  # what the time plan counts
+    assert images_per_epoch(load_config(str(tiny_config(tmp_path)), ["train.batch_size=8"]), masks) == 40
+    assert images_per_epoch(load_config(str(tiny_config(tmp_path)), ["train.batch_size=8", "train.empty_fraction=0.5",
+                                                                      "train.max_train_batches=2"]), masks) == 16
+    sampler.set_epoch(1)
+    keys = list(sampler)
+    assert all(40 <= k < 80 for k in keys)  # epoch 1's keys: the augmentation seeds move on
+    assert set(range(16)) <= {k - 40 for k in keys}
+    cfg = load_config(str(tiny_config(tmp_path)), ["train.batch_size=4", "train.empty_fraction=0.01"])
+    with pytest.raises(UserError, match="no training image"):
+        _loader(cfg, SimpleNamespace(images=data.images[16:], masks=masks[16:], depths=data.depths[16:]),
+                np.arange(24), 3, torch.device("cpu"), 0, DistContext())
 
 
 # ----------------------------------------------------------------------------- precision

@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
         "val_every": 1,                 # validate every n-th full-size epoch and the planned last (n apart, the first
                                         # counted back from the last); select: best, early stopping, plateau see only those
+        "empty_fraction": 1.0,          # share of the empty-mask training images each epoch draws afresh (all the
+                                        # ones with salt always): fewer, cheaper epochs spent on salt
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "cpu_processes": 1,             # ./run_all.sh on a CPU: train data-parallel in this many processes (at most
                                         # one per core; the cores shared out as threads; BatchNorm per process)
@@ -153,6 +155,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "val_every"): (int, 1, 1000, False),
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
+    ("train", "empty_fraction"): (float, "(0", 1, False),
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "cpu_processes"): (int, 1, 1024, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),

@@ -58,7 +58,14 @@ from tgs_salt.postprocess import apply, untuned
 from tgs_salt.pseudo import PseudoSet, load_pseudo
 from tgs_salt.rundir import RunDir, load_checkpoint, save_checkpoint
 from tgs_salt.tensorboard import TensorBoard
-from tgs_salt.transforms import AugmentedArrays, EpochKeySampler, InputBuilder, build_augment
+from tgs_salt.transforms import (
+    AugmentedArrays,
+    EmptySubsampler,
+    EpochKeySampler,
+    InputBuilder,
+    build_augment,
+    epoch_draw,
+)
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "stage", "loss_name", "lr", "train_loss", "val_loss", "val_metric", "val_iou",
@@ -379,14 +386,34 @@ def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: 
     ds = AugmentedArrays(*arrays, augment, seed)
     if t["batch_size"] % ctx.world:
         raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {ctx.world} processes")
-    per_rank = min(t["batch_size"] // ctx.world, len(ds) // ctx.world)
-    sampler = EpochKeySampler(torch.utils.data.DistributedSampler(
-        ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True), len(ds))
+    if t["empty_fraction"] < 1:
+        draw = EmptySubsampler(_empty(arrays[1]), t["empty_fraction"], seed, ctx.world, ctx.rank)
+    else:  # every image each epoch: the order earlier runs had
+        draw = torch.utils.data.DistributedSampler(ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed,
+                                                   drop_last=True)
+    if len(draw) == 0:
+        raise UserError(f"no training image for each of the {ctx.world} processes: {len(ds)} images, "
+                        f"{int(_empty(arrays[1]).sum())} of them empty, train.empty_fraction {t['empty_fraction']}")
+    per_rank = min(t["batch_size"] // ctx.world, len(draw))
+    sampler = EpochKeySampler(draw, len(ds))
     loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
                                          drop_last=True, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
     n_batches = len(loader) if t["max_train_batches"] is None else min(len(loader), t["max_train_batches"])
     return loader, sampler, n_batches
+
+
+def _empty(masks: np.ndarray) -> np.ndarray:
+    """Per mask: no salt pixel (pseudo-labels included, as they would be trained)."""
+    return ~np.asarray(masks).reshape(len(masks), -1).any(axis=1)
+
+
+def images_per_epoch(cfg: dict, masks: np.ndarray) -> int:
+    """The images an epoch trains on (what the time plan counts): the draw of train.empty_fraction,
+    in whole batches, capped by train.max_train_batches."""
+    t = cfg["train"]
+    n = epoch_draw(_empty(masks), t["empty_fraction"]) // t["batch_size"] * t["batch_size"]
+    return n if t["max_train_batches"] is None else min(n, t["max_train_batches"] * t["batch_size"])
 
 
 def _oof_pass(model, cfg, fold, rd: RunDir, builder, data, val_idx, device, precision, ctx) -> tuple[dict, float]:
@@ -939,11 +966,9 @@ def train_command(args) -> int:
             precision = Precision.from_dict(info["precision"])
             if budget_min is not None:
                 if ctx.is_main:
-                    n_tr = len(tr) + (len(pseudo) if pseudo is not None else 0)
-                    per_epoch = n_tr // cfg["train"]["batch_size"] * cfg["train"]["batch_size"]
-                    if cfg["train"]["max_train_batches"]:
-                        per_epoch = min(per_epoch, cfg["train"]["max_train_batches"] * cfg["train"]["batch_size"])
-                    plan = setup_plan(run_dir, cfg, budget_min, info, n_train=per_epoch, n_val=len(va),
+                    masks = data.masks[tr] if pseudo is None else np.concatenate([data.masks[tr], pseudo.masks])
+                    plan = setup_plan(run_dir, cfg, budget_min, info, n_train=images_per_epoch(cfg, masks),
+                                      n_val=len(va),
                                       n_test=count_test_images(data_dir),
                                       n_folds=-(-max(len(pending), 1) // parallel),
                                       n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
