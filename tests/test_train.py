@@ -334,6 +334,37 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
         assert z["probs"].shape[1:] == (101, 101)
 
 
+def test_a_middle_resolution_phase_follows_the_low_res_one(tmp_path, synth_dir, monkeypatch):
+    """train.mid_res_size: after the low-resolution epochs, round(mid_res_fraction x epochs) train at
+    the middle size, then the rest at full size; validation and OOF stay at full size. A time
+    budget, which plans two phases only, is refused before anything is written."""
+    from tgs_salt import models
+
+    seen = []
+    build = models.build_model
+
+    def spying_build(*a, **k):
+        m = build(*a, **k)
+        m.register_forward_pre_hook(lambda mod, args: seen.append((mod.training, args[0].shape[-1])))
+        return m
+
+    monkeypatch.setattr(models, "build_model", spying_build)
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
+             "mid_res_size": 96, "mid_res_fraction": 0.2, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    assert C.low_res_epochs(cfg) == 2 and C.mid_res_epochs(cfg) == 1
+    train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert [s for training, s in seen if training] == [64] * 4 + [96] * 2 + [112] * 4
+    assert {s for training, s in seen if not training} == {112}
+    assert pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")["input_px"].tolist() == [64, 64, 96, 112, 112]
+    cfg_path = tiny_config(tmp_path, train={"low_res_size": 64, "mid_res_size": 96, "mid_res_fraction": 0.2})
+    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", tmp_path / "b",
+                "--time-budget", "5", "--device", "cpu")
+    assert r.returncode == 2 and "the time plan counts two resolutions only" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+
+
 def test_fold_eta_counts_low_res_and_full_size_epochs_apart():
     """The fold ETA of progressive resizing: the cheap low-res epochs do not set the pace of the
     full-size ones (it read 30 min early in a real run); a kind not seen yet is scaled by pixels."""

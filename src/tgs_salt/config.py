@@ -74,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
         "low_res_size": None,           # progressive resizing: the first epochs train at this network input size
         "low_res_fraction": 0.5,        # ... for this fraction of the epochs
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
+        "mid_res_size": None,           # a middle phase at this input size after the low-res one (resize mode) ...
+        "mid_res_fraction": 0.0,        # ... for this fraction of the epochs; fixed epoch counts only (no time budget)
         "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
         "val_every": 1,                 # validate every n-th full-size epoch and the planned last (n apart, the first
@@ -156,6 +158,8 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "empty_fraction"): (float, "(0", 1, False),
+    ("train", "mid_res_size"): (int, 16, 1024, True),
+    ("train", "mid_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),
     ("train", "cpu_processes"): (int, 1, 1024, False),
     ("train", "grad_clip"): (float, "(0", 1e9, True),
@@ -325,6 +329,11 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(lo is None or t["low_res_mode"] != "crop" or lo <= r,
            f"train.low_res_size = {lo!r} with train.low_res_mode crop: the window must fit in the "
            f"{r} px image (input.resize)", where)
+    mid = t["mid_res_size"]
+    _check(mid is None or (lo is not None and t["low_res_mode"] == "resize" and lo < mid < p and mid % stride == 0
+                           and t["time_budget_minutes"] is None),
+           f"train.mid_res_size = {mid!r}; null or a multiple of {stride} between train.low_res_size ({lo}, resize "
+           f"mode) and input.pad_to ({p}), with a fixed epoch count (train.time_budget_minutes null)", where)
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
     _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
            f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "
@@ -386,6 +395,12 @@ def low_res_epochs(cfg: dict) -> int:
     """How many of the first epochs train at ``train.low_res_size`` (progressive resizing)."""
     t = cfg["train"]
     return 0 if t["low_res_size"] is None else low_res_count(t["low_res_fraction"], total_epochs(cfg))
+
+
+def mid_res_epochs(cfg: dict) -> int:
+    """How many epochs after the low-resolution ones train at ``train.mid_res_size``."""
+    t = cfg["train"]
+    return 0 if t["mid_res_size"] is None else low_res_count(t["mid_res_fraction"], total_epochs(cfg))
 
 
 def n_views(tta: bool, shift: int = 0) -> int:

@@ -472,6 +472,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     if t["low_res_size"]:
         low_builder = (builder.cropped(t["low_res_size"], seed) if t["low_res_mode"] == "crop"
                        else builder.at_size(t["low_res_size"]))
+    mid_builder = builder.at_size(t["mid_res_size"]) if t["mid_res_size"] else None
     model, fwd_model = _setup_model(cfg, device, precision, ctx)
     state = TrainState(model, make_optimizer(model.parameters(), t),
                        torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), LRController(cfg),
@@ -509,10 +510,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         # never back to the low resolution once past it (a re-plan that adds epochs moves the switch)
         low_res = low_builder is not None and not went_full and epoch < C.low_res_epochs(cfg)
         went_full = went_full or not low_res
+        mid_res = mid_builder is not None and not low_res and epoch < C.low_res_epochs(cfg) + C.mid_res_epochs(cfg)
+        train_builder = low_builder if low_res else mid_builder if mid_res else builder
         loss_sum, seen, lr = train_one_epoch(fwd_model, model, loader, n_batches, state,
-                                             low_builder if low_res else builder, loss_fn, t,
+                                             train_builder, loss_fn, t,
                                              device, precision, f"fold {fold} epoch {epoch + 1}/{n_epochs} "
-                                             f"{loss_name}{' ' + str(t['low_res_size']) + ' px' if low_res else ''}",
+                                             f"{loss_name} {train_builder.geo.pad_to} px",
                                              progress, ctx.is_main, bad_loss)
         train_seconds = time.time() - t0
         if ctx.enabled:  # the logged train loss covers every rank's images
@@ -543,7 +546,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                          **{k: f"{v:.5f}" if validated else "" for k, v in scores.items()},
                          "best_metric": f"{state.best_metric:.5f}", "seconds": f"{time.time() - t0:.1f}",
                          "images_per_s": f"{seen / max(train_seconds, 1e-9):.1f}",
-                         "input_px": (low_builder if low_res else builder).geo.pad_to})
+                         "input_px": train_builder.geo.pad_to})
         if tb.writer is not None:  # with the masks the metric saw, when it scored this epoch
             seen_masks = (data.images[order], data.masks[order],
                           apply(val_probs, untuned(cfg, val_cls is not None), cls=val_cls)) if validated else ()
@@ -925,6 +928,9 @@ def train_command(args) -> int:
     budget_min = args.time_budget if args.time_budget is not None else cfg["train"]["time_budget_minutes"]
     if budget_min is not None and not budget_min > 0:
         raise UserError(f"--time-budget {budget_min}: a positive number of minutes")
+    if budget_min is not None and cfg["train"]["mid_res_size"] is not None:
+        raise UserError(f"--time-budget with train.mid_res_size {cfg['train']['mid_res_size']}: the time plan counts "
+                        "two resolutions only; give the three phases a fixed epoch count (train.stages)")
     parallel = max(1, args.parallel_folds or 1)
     device = resolve_device(args.device)
     ctx = init_distributed(device.type)
