@@ -303,14 +303,11 @@ def test_deep_supervision_adds_the_side_losses(tmp_path, synth_dir):
     assert not torch.allclose(heads[0], heads[1])
 
 
-@pytest.mark.parametrize("mode", ["resize", "crop"])
-def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth_dir, monkeypatch, mode):
-    """train.low_res_size: the first round(fraction x epochs) epochs feed the network images (and
-    score masks) scaled to that size (or windows of that size); later epochs, validation and OOF use
-    the full input."""
+def _spy_input_sizes(monkeypatch) -> list:
+    """(training?, input height) of every forward pass of the models built from now on."""
     from tgs_salt import models
 
-    seen = []  # (training?, input height) of every forward pass
+    seen = []
     build = models.build_model
 
     def spying_build(*a, **k):
@@ -319,6 +316,15 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
         return m
 
     monkeypatch.setattr(models, "build_model", spying_build)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop"])
+def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth_dir, monkeypatch, mode):
+    """train.low_res_size: the first round(fraction x epochs) epochs feed the network images (and
+    score masks) scaled to that size (or windows of that size); later epochs, validation and OOF use
+    the full input."""
+    seen = _spy_input_sizes(monkeypatch)
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
              "low_res_mode": mode, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
@@ -338,17 +344,7 @@ def test_a_middle_resolution_phase_follows_the_low_res_one(tmp_path, synth_dir, 
     """train.mid_res_size: after the low-resolution epochs, round(mid_res_fraction x epochs) train at
     the middle size, then the rest at full size; validation and OOF stay at full size. A time
     budget, which plans two phases only, is refused before anything is written."""
-    from tgs_salt import models
-
-    seen = []
-    build = models.build_model
-
-    def spying_build(*a, **k):
-        m = build(*a, **k)
-        m.register_forward_pre_hook(lambda mod, args: seen.append((mod.training, args[0].shape[-1])))
-        return m
-
-    monkeypatch.setattr(models, "build_model", spying_build)
+    seen = _spy_input_sizes(monkeypatch)
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
              "mid_res_size": 96, "mid_res_fraction": 0.2, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
