@@ -425,6 +425,36 @@ def test_plan_with_progressive_resizing_counts_cheaper_epochs():
     assert B.Costs(**{**B.to_dict(full), "low_res_share": 0.5}).low_res is None  # no rate measured: no change
 
 
+def test_plan_with_a_middle_phase_counts_each_phase_at_its_cost():
+    """train.mid_res_size: 0.4 of the epochs at 64 px, 0.3 at 96 px, the rest at full size; the plan
+    counts each phase at its measured cost (a middle epoch validated like a full-size one) and fits
+    more epochs than two phases would at the same shares of low-res epochs."""
+    full = B.Costs(train_rate=12.0, eval_rate=40.0, n_train=2400, n_val=600, n_test=1000, n_folds=1,
+                   n_models=1, tta=True, low_res_rate=30.0, low_res_share=0.4, low_res_validates=False)
+    costs = B.Costs(**{**B.to_dict(full), "mid_res_rate": 16.0, "mid_res_share": 0.3})
+    # full epoch 2400/12 + 600/40 + 1 = 216 s; low 2400/30 + 1 = 81 s; middle 2400/16 + 15 + 1 = 166 s
+    low = costs.low_res
+    assert low == {"share": 0.4, "relative_cost": round(81 / 216, 4), "mid_share": 0.3,
+                   "mid_relative_cost": round(166 / 216, 4)}
+    weights = [B.epoch_weight(low, e, 10) for e in range(10)]
+    assert weights == [low["relative_cost"]] * 4 + [low["mid_relative_cost"]] * 3 + [1.0] * 3
+    assert [B.planned_phase(low, e, 10) for e in range(10)] == [B.LOW] * 4 + [B.MID] * 3 + [B.FULL] * 3
+    plan = B.plan_epochs(3600, 60, costs, [1])
+    # (3600 * 0.985 - 60 - 98) / 216 = 15.69 full-epoch units: 23 epochs cost 15.75 (9 x 0.375 + 7 x 0.7685
+    # + 7), 22 cost 14.75; two phases at the same low-res share fit 21
+    assert plan["epochs"] == [23] and B.fold_units(low, 23) == pytest.approx(15.7545)
+    assert B.plan_epochs(3600, 60, full, [1])["epochs"] == [21]
+    assert "the first 9 at low resolution (0.38 of the cost), the next 7 at the middle one (0.77)" in \
+        B.describe({**plan, "budget_minutes": 60, "job_start": 0, "n_folds": 1})
+    # a fold that reached the middle phase: a plan grown by the shares does not count epochs back at 64 px
+    assert B.units_left(low, 20, done=5, reached=B.MID) == pytest.approx(
+        sum(max(low["mid_relative_cost"], B.epoch_weight(low, e, 20)) for e in range(5, 20)))
+    assert B.units_left(low, 20, done=5, reached=B.FULL) == 15.0
+    # no middle share (or a plan written before the option): two phases, as before
+    two = {"share": 0.4, "relative_cost": 0.375}
+    assert [B.planned_phase(two, e, 10) for e in range(10)] == [B.LOW] * 4 + [B.FULL] * 6
+
+
 def test_calibration_and_replan_in_full_resolution_epochs():
     """The first epoch of a progressive-resizing plan is a cheap one: calibration counts it as such;
     re-plans see the host's speed, not the switch to the full resolution."""
@@ -458,7 +488,7 @@ def test_calibrator_counts_low_res_epochs_at_their_cost(tmp_path):
     cal = _calibrator(tmp_path, folds_after=0)
     # 5 low-res epochs at 50 s each: on time, no change (they would look twice as fast as planned if
     # counted as full epochs)
-    assert cal(5, 50.0, True) is None and B.read_plan(tmp_path)["epochs"] == [20]
+    assert cal(5, 50.0, B.LOW) is None and B.read_plan(tmp_path)["epochs"] == [20]
 
 
 def test_calibrator_after_the_switch_counts_full_epochs_even_when_the_plan_grows(tmp_path):
@@ -476,16 +506,16 @@ def test_calibrator_after_the_switch_counts_full_epochs_even_when_the_plan_grows
     B.write_plan(tmp_path, plan)
     cal = _calibrator(tmp_path, folds_after=0)
     for done in range(1, 11):
-        cal(done, 50.0, True)
+        cal(done, 50.0, B.LOW)
     grown = {**B.read_plan(tmp_path), "epochs": [20]}
     B.write_plan(tmp_path, grown)
-    cal(11, 100.0, False)  # the first full-resolution epoch (index 10 of 20: past the 10 low-res ones)
+    cal(11, 100.0, B.FULL)  # the first full-resolution epoch (index 10 of 20: past the 10 low-res ones)
     grown = {**B.read_plan(tmp_path), "epochs": [30]}  # the host sped up: 15 "low-res" epochs by the share
     B.write_plan(tmp_path, grown)
-    cal(12, 100.0, False)
-    want = B.replan(grown, 12, 100.0, time.time(), switched=True)
+    cal(12, 100.0, B.FULL)
+    want = B.replan(grown, 12, 100.0, time.time(), reached=B.FULL)
     assert B.read_plan(tmp_path)["epochs"] == (want["epochs"] if want else [30])
-    slow = B.replan(grown, 12, 200.0, time.time(), switched=True)  # what counting it at 0.5 would do
+    slow = B.replan(grown, 12, 200.0, time.time(), reached=B.FULL)  # what counting it at 0.5 would do
     assert sum(slow["epochs"]) < sum(B.read_plan(tmp_path)["epochs"])
 
 
@@ -573,13 +603,14 @@ def test_calibrator_replans_from_recent_epochs_and_writes_the_plan(tmp_path):
 
 def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, synth_dir):
     """A budgeted run writes precision.json and plan.json; the probe times a training step at
-    train.low_res_size too, and the plan counts those epochs at their measured cost. The fold trains
-    its first epochs at that size, re-planned after each, and never goes back to it; interrupted after
-    its first full-size epoch (the first best.pt: low-res epochs are not validated), it resumes under
-    the same plan; a different budget for the same run directory is refused. (One budgeted run for
-    all of it: each spends its whole minute.)"""
+    train.low_res_size and train.mid_res_size too, and the plan counts those epochs at their measured
+    cost. The fold trains its first epochs at the low size, then at the middle one, re-planned after
+    each, and never goes back to an earlier size; interrupted after its first validated epoch (the
+    first best.pt: the last low-res one), it resumes under the same plan; a different budget for the
+    same run directory is refused. (One budgeted run for all of it: each spends its whole minute.)"""
     cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
-                                       "low_res_size": 64, "low_res_fraction": 0.5},
+                                       "low_res_size": 64, "low_res_fraction": 0.4,
+                                       "mid_res_size": 96, "mid_res_fraction": 0.3},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
@@ -588,12 +619,16 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     assert rc == 130, err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
-    assert "time plan: 1 min budget" in err and "at low resolution" in err
+    assert "time plan: 1 min budget" in err and "at low resolution" in err and "at the middle one" in err
     assert not (run / "fold0" / "done.json").exists()
     assert len(prec["precision"]["rates"]) == 4 and prec["train_rate"] > 0 and prec["eval_rate"] > 0
     assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
     assert 0 < prec["low_res"]["step_cost_vs_full"] <= 1 and "a training step at 64 px costs" in err
-    assert plan["low_res"]["share"] == 0.5 and 0 < plan["low_res"]["relative_cost"] < 1
+    assert prec["mid_res"]["size"] == 96 and 0 < prec["mid_res"]["step_cost_vs_full"] <= 1
+    assert "a training step at 96 px costs" in err
+    low = plan["low_res"]
+    assert low["share"] == 0.4 and 0 < low["relative_cost"] < 1 and low["mid_share"] == 0.3
+    assert 0 < low["mid_relative_cost"] <= 1.0 + 1e-9
     assert sum(plan["epochs"]) >= 2 and len(plan["epochs"]) == 2
     r = run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -603,8 +638,10 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     assert done["epochs_run"] == sum(plan["epochs"]) == done["epochs_planned"]
     assert json.loads((run / "plan.json").read_text()) == plan
     px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
-    n_low = px.count(64)  # about half (re-plans may move the switch, never back to 64 px after it)
-    assert n_low >= 2 and px == [64] * n_low + [128] * (len(px) - n_low) and len(px) > n_low + 1
+    # re-plans may move the switches, never back to an earlier size
+    n_low, n_mid = px.count(64), px.count(96)
+    assert n_low >= 2 and n_mid >= 1 and px == [64] * n_low + [96] * n_mid + [128] * (len(px) - n_low - n_mid)
+    assert len(px) > n_low + n_mid, px
     r = run_cli(*args[:-4], "--time-budget", "5", "--device", "cpu", "--force")
     assert r.returncode == 2 and "planned for a 1 min budget" in r.stderr and "Traceback" not in r.stderr
 

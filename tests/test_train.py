@@ -7,6 +7,7 @@ import torch
 
 from conftest import cli_cmd, interrupt_when, run_cli
 from helpers import tiny_config
+from tgs_salt import budget as B
 from tgs_salt import config as C
 from tgs_salt import losses
 from tgs_salt.data import load_train
@@ -342,8 +343,7 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
 
 def test_a_middle_resolution_phase_follows_the_low_res_one(tmp_path, synth_dir, monkeypatch):
     """train.mid_res_size: after the low-resolution epochs, round(mid_res_fraction x epochs) train at
-    the middle size, then the rest at full size; validation and OOF stay at full size. A time
-    budget, which plans two phases only, is refused before anything is written."""
+    the middle size, then the rest at full size; validation and OOF stay at full size."""
     seen = _spy_input_sizes(monkeypatch)
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
@@ -354,22 +354,49 @@ def test_a_middle_resolution_phase_follows_the_low_res_one(tmp_path, synth_dir, 
     assert [s for training, s in seen if training] == [64] * 4 + [96] * 2 + [112] * 4
     assert {s for training, s in seen if not training} == {112}
     assert pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")["input_px"].tolist() == [64, 64, 96, 112, 112]
-    cfg_path = tiny_config(tmp_path, train={"low_res_size": 64, "mid_res_size": 96, "mid_res_fraction": 0.2})
-    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", tmp_path / "b",
-                "--time-budget", "5", "--device", "cpu")
-    assert r.returncode == 2 and "the time plan counts two resolutions only" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
 
 
-def test_fold_eta_counts_low_res_and_full_size_epochs_apart():
+def test_a_plan_that_grows_never_sends_a_fold_back_to_an_earlier_phase(tmp_path, synth_dir, monkeypatch):
+    """Three phases and a time plan that grows twice (a host that sped up): the switches move later
+    by the shares, but a fold at the middle size never goes back to the low one,
+    nor a full-size one to the middle; the calibrator is told the phase each epoch trained in."""
+    seen = _spy_input_sizes(monkeypatch)
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 1, "low_res_size": 64, "low_res_fraction": 0.4,
+             "mid_res_size": 96, "mid_res_fraction": 0.4, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    told = []
+
+    def calibrate(done, seconds, phase):
+        told.append(phase)
+        return {3: [10], 9: [14]}.get(done)
+
+    done = train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"), calibrate=calibrate)
+    px = pd.read_csv(tmp_path / "r" / "fold0" / "log.csv")["input_px"].tolist()
+    # 5 epochs: 0-1 at 64 px, 2-3 at 96, 4 at 112 (0-based). After epoch 2 (at 96 px) the plan grows to 10,
+    # whose shares put epochs 0-3 at 64 px and 4-7 at 96: epoch 3 trains at 96, not 64. After epoch 8 (at
+    # 112 px) it grows to 14, whose shares put epochs 6-11 at 96: epochs 9-11 train at 112, not 96.
+    assert done["epochs_run"] == 14
+    assert px == [64, 64] + [96] * 6 + [112] * 6
+    assert told == [{64: B.LOW, 96: B.MID, 112: B.FULL}[p] for p in px]
+    assert [s for training, s in seen if training] == px  # one batch per epoch
+
+
+def test_fold_eta_counts_each_resolution_phase_apart():
     """The fold ETA of progressive resizing: the cheap low-res epochs do not set the pace of the
-    full-size ones (it read 30 min early in a real run); a kind not seen yet is scaled by pixels."""
-    low_only = {True: [30.0, 32.0], False: []}
-    assert time_left(low_only, 2, 10, 0.25) == pytest.approx(2 * 31 + 10 * 124)
-    both = {True: [30.0] * 3, False: [100.0, 90.0, 80.0, 70.0, 60.0, 50.0]}  # the last five full ones
-    assert time_left(both, 0, 4, 0.25) == pytest.approx(4 * 70)
-    assert time_left({True: [], False: [80.0]}, 3, 1, 0.5) == pytest.approx(3 * 40 + 80)
-    assert time_left({True: [], False: [80.0]}, 0, 0, 1.0) == 0
+    full-size ones (it read 30 min early in a real run); a phase not seen yet is the latest one seen,
+    scaled by pixels."""
+    px = {B.LOW: 0.25, B.MID: 0.5, B.FULL: 1.0}
+    low_only = {B.LOW: [30.0, 32.0], B.MID: [], B.FULL: []}
+    assert time_left(low_only, {B.LOW: 2, B.FULL: 10}, px) == pytest.approx(2 * 31 + 10 * 124)
+    assert time_left(low_only, {B.LOW: 2, B.MID: 3, B.FULL: 10}, px) == pytest.approx(2 * 31 + 3 * 62 + 10 * 124)
+    both = {B.LOW: [30.0] * 3, B.MID: [], B.FULL: [100.0, 90.0, 80.0, 70.0, 60.0, 50.0]}  # the last five full ones
+    assert time_left(both, {B.FULL: 4}, px) == pytest.approx(4 * 70)
+    mid = {B.LOW: [30.0], B.MID: [50.0, 54.0], B.FULL: []}  # the full size from the middle one, not the low one
+    assert time_left(mid, {B.MID: 1, B.FULL: 2}, px) == pytest.approx(52 + 2 * 104)
+    assert time_left({B.LOW: [], B.FULL: [80.0]}, {B.LOW: 3, B.FULL: 1}, {B.LOW: 0.5, B.FULL: 1.0}) == \
+        pytest.approx(3 * 40 + 80)
+    assert time_left({B.LOW: [], B.FULL: [80.0]}, {B.LOW: 0, B.FULL: 0}, px) == 0
 
 
 def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, synth_dir, monkeypatch):
@@ -576,7 +603,7 @@ def test_fold_follows_a_plan_changed_between_epochs(tmp_path, synth_dir):
     cfg, data, folds = _setup(tmp_path, synth_dir, train=train)
     asked = []
 
-    def calibrate(done, seconds, low_res):
+    def calibrate(done, seconds, phase):
         asked.append(done)
         return [2, 1] if done == 1 else None
 

@@ -49,6 +49,8 @@ class Costs:
     low_res_rate: float | None = None  # training images/s at train.low_res_size (progressive resizing)
     low_res_share: float = 0.0         # the share of the epochs trained at that size
     low_res_validates: bool = True     # whether those epochs are validated (train.low_res_validate)
+    mid_res_rate: float | None = None  # training images/s at train.mid_res_size (a middle phase after the low one)
+    mid_res_share: float = 0.0         # the share of the epochs trained at that size
     val_every: int = 1                 # a full-resolution epoch is validated every n-th (train.val_every)
     tta_shift: int = 0                 # predict.tta_shift: > 0 triples the test-time views
 
@@ -65,11 +67,16 @@ class Costs:
     @property
     def low_res(self) -> dict | None:
         """Progressive resizing as the plan sees it: the share of low-resolution epochs and what one
-        costs relative to a full-resolution epoch (None without it)."""
+        costs relative to a full-resolution epoch (None without it); with a middle phase, its share
+        and relative cost too (``mid_share``, ``mid_relative_cost``: validated like a full-size epoch)."""
         if not self.low_res_rate or not self.low_res_share:
             return None
         low = self._epoch_s(self.low_res_rate, float(self.low_res_validates))
-        return {"share": self.low_res_share, "relative_cost": round(low / self.epoch_s, 4)}
+        out = {"share": self.low_res_share, "relative_cost": round(low / self.epoch_s, 4)}
+        if self.mid_res_rate and self.mid_res_share:
+            mid = self._epoch_s(self.mid_res_rate, 1.0 / max(self.val_every, 1))
+            out.update({"mid_share": self.mid_res_share, "mid_relative_cost": round(mid / self.epoch_s, 4)})
+        return out
 
     @property
     def fixed_s(self) -> float:
@@ -98,12 +105,36 @@ def split_epochs(total: int, stage_epochs: list[int]) -> list[int]:
     return out
 
 
-def epoch_weight(low_res: dict | None, epoch: int, total: int) -> float:
-    """What epoch ``epoch`` (0-based) of ``total`` costs in full-resolution epochs: progressive
-    resizing trains the first round(share x total) epochs at a lower resolution."""
-    if low_res and epoch < low_res_count(low_res["share"], total):
+LOW, MID, FULL = 0, 1, 2  # the resolution phases of a fold, in the order it trains them
+
+
+def planned_phase(low_res: dict | None, epoch: int, total: int) -> int:
+    """The phase a plan of ``total`` epochs puts epoch ``epoch`` (0-based) in: progressive resizing
+    trains the first round(share x total) at the low resolution, then round(mid_share x total) at
+    the middle one (train.mid_res_size), the rest at full resolution (the rule of config.low_res_epochs
+    and config.mid_res_epochs)."""
+    if not low_res:
+        return FULL
+    n_low = low_res_count(low_res["share"], total)
+    if epoch < n_low:
+        return LOW
+    return MID if epoch < n_low + low_res_count(low_res.get("mid_share", 0.0), total) else FULL
+
+
+def phase_cost(low_res: dict | None, phase: int) -> float:
+    """What an epoch of ``phase`` costs in full-resolution epochs."""
+    if low_res and phase == LOW:
         return float(low_res["relative_cost"])
+    if low_res and phase == MID and "mid_relative_cost" in low_res:
+        return float(low_res["mid_relative_cost"])
     return 1.0
+
+
+def epoch_weight(low_res: dict | None, epoch: int, total: int, reached: int = LOW) -> float:
+    """What epoch ``epoch`` (0-based) of ``total`` costs in full-resolution epochs, for a fold that
+    already ``reached`` a phase: train_fold never goes back to an earlier one (a re-plan that adds
+    epochs moves the switches later, not the fold back)."""
+    return phase_cost(low_res, max(reached, planned_phase(low_res, epoch, total)))
 
 
 def fold_units(low_res: dict | None, total: int) -> float:
@@ -111,24 +142,25 @@ def fold_units(low_res: dict | None, total: int) -> float:
     return sum(epoch_weight(low_res, e, total) for e in range(total))
 
 
-def units_left(low_res: dict | None, total: int, done: int = 0, switched: bool = False, folds_after: int = 0) -> float:
+def units_left(low_res: dict | None, total: int, done: int = 0, reached: int = LOW, folds_after: int = 0) -> float:
     """What the rest of a plan of ``total`` epochs per fold costs in full-resolution epochs: epochs
-    ``done``..total-1 of this fold (all at full resolution once it ``switched``, see train_fold) and
+    ``done``..total-1 of this fold (none in a phase before the one it ``reached``, see train_fold) and
     every epoch of the ``folds_after`` folds after it."""
-    here = sum(1.0 if switched else epoch_weight(low_res, e, total) for e in range(done, total))
+    here = sum(epoch_weight(low_res, e, total, reached) for e in range(done, total))
     return here + folds_after * fold_units(low_res, total)
 
 
-def fit_epochs(low_res: dict | None, units: float, done: int = 0, switched: bool = False, folds_after: int = 0,
+def fit_epochs(low_res: dict | None, units: float, done: int = 0, reached: int = LOW, folds_after: int = 0,
                minimum: int = 1) -> int:
     """The number of epochs per fold whose :func:`units_left` is nearest ``units``."""
     if not low_res:
         return max(minimum, math.floor((units + done) / (1 + folds_after) + 0.5))
     lo = max(minimum, done)
-    hi = lo + int(units / min(low_res["relative_cost"], 1.0)) + 2  # every epoch costs at least relative_cost
+    cheapest = min(phase_cost(low_res, p) for p in (LOW, MID, FULL))
+    hi = lo + int(units / cheapest) + 2  # every epoch costs at least the cheapest phase
 
     def miss(total: int) -> tuple[float, int]:
-        return abs(units_left(low_res, total, done, switched, folds_after) - units), total
+        return abs(units_left(low_res, total, done, reached, folds_after) - units), total
 
     return min(range(lo, hi + 1), key=miss)
 
@@ -220,30 +252,29 @@ def split_open(total: int, current: list[int], done: int, config_epochs: list[in
 
 
 def replan(plan: dict, done: int, epoch_s: float, now: float, folds_after: int = 0,
-           switched: bool | None = None) -> dict | None:
+           reached: int | None = None) -> dict | None:
     """The plan re-made during a fold, after its epoch ``done`` (1-based), from the measured time
     per (full-resolution) epoch: when the host slows down or speeds up, the epochs still to run (in
     this fold and the ``folds_after`` folds after it) change so that the job ends on time. None when
     the current plan still ends within 0.6 of an epoch of the target (no change for noise).
-    ``switched``: whether the fold already trains at full resolution (by default, whether the plan
-    put epoch ``done`` past its low-resolution epochs)."""
+    ``reached``: the phase (LOW, MID, FULL) of the fold's epoch ``done`` (by default, the one the plan
+    puts it in)."""
     current = list(plan["epochs"])
     target = plan["job_start"] + plan["budget_minutes"] * 60 * (1 - SAFETY) - plan["fixed_s"]  # training's end
     total_now = sum(current)
     low_res = plan.get("low_res")
 
-    # the fold trains at full resolution from its first full-resolution epoch on (see train_fold)
-    if switched is None:
-        switched = done > low_res_count(low_res["share"], total_now) if low_res else True
-    switched = switched or not low_res
+    # the fold never goes back to an earlier phase (see train_fold)
+    if reached is None:
+        reached = planned_phase(low_res, done - 1, total_now) if done > 0 else LOW
 
     def left_units(total: int) -> float:
-        return units_left(low_res, total, done, switched, folds_after)
+        return units_left(low_res, total, done, reached, folds_after)
 
     predicted = now + left_units(total_now) * epoch_s
     if abs(predicted - target) <= 0.6 * epoch_s:
         return None
-    total = fit_epochs(low_res, (target - now) / epoch_s, done=done, switched=switched, folds_after=folds_after)
+    total = fit_epochs(low_res, (target - now) / epoch_s, done=done, reached=reached, folds_after=folds_after)
     epochs = split_open(total, current, done, plan["config_epochs"])
     if epochs == current:
         return None
@@ -286,8 +317,12 @@ def write_plan(run_dir: Path, plan: dict) -> None:
 def describe(plan: dict) -> str:
     eta = time.strftime("%H:%M", time.localtime(plan["job_start"] + plan["total_s"]))
     low = plan.get("low_res")
-    low_text = (f", the first {low_res_count(low['share'], sum(plan['epochs']))} at low resolution "
+    total = sum(plan["epochs"])
+    low_text = (f", the first {low_res_count(low['share'], total)} at low resolution "
                 f"({low['relative_cost']:.2f} of the cost)" if low else "")
+    if low and "mid_relative_cost" in low:
+        low_text += (f", the next {low_res_count(low['mid_share'], total)} at the middle one "
+                     f"({low['mid_relative_cost']:.2f})")
     return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
             f"epochs (stages {'+'.join(map(str, plan['epochs']))}{low_text}), {plan['epoch_s']:.0f} s per epoch, "
             f"{plan['fixed_s']:.0f} s for OOF, CV and prediction; the job should end at {eta} "

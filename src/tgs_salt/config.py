@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "low_res_fraction": 0.5,        # ... for this fraction of the epochs
         "low_res_mode": "resize",       # resize: images and masks scaled down alike | crop: random windows at full scale
         "mid_res_size": None,           # a middle phase at this input size after the low-res one (resize mode) ...
-        "mid_res_fraction": 0.0,        # ... for this fraction of the epochs; fixed epoch counts only (no time budget)
+        "mid_res_fraction": 0.0,        # ... for this fraction of the epochs (the time plan counts its measured cost)
         "low_res_validate": False,      # validate each low-resolution epoch too (off: only the last; scored at full
                                         # size, which they do not train at, it took ~20% of such an epoch on CPU)
         "val_every": 1,                 # validate every n-th full-size epoch and the planned last (n apart, the first
@@ -330,10 +330,12 @@ def validate(cfg: dict, where: str = "config") -> None:
            f"train.low_res_size = {lo!r} with train.low_res_mode crop: the window must fit in the "
            f"{r} px image (input.resize)", where)
     mid = t["mid_res_size"]
-    _check(mid is None or (lo is not None and t["low_res_mode"] == "resize" and lo < mid < p and mid % stride == 0
-                           and t["time_budget_minutes"] is None),
+    _check(mid is None or (lo is not None and t["low_res_mode"] == "resize" and lo < mid < p and mid % stride == 0),
            f"train.mid_res_size = {mid!r}; null or a multiple of {stride} between train.low_res_size ({lo}, resize "
-           f"mode) and input.pad_to ({p}), with a fixed epoch count (train.time_budget_minutes null)", where)
+           f"mode) and input.pad_to ({p})", where)
+    _check(mid is None or t["low_res_fraction"] + t["mid_res_fraction"] <= 1,
+           f"train.low_res_fraction {t['low_res_fraction']} + train.mid_res_fraction {t['mid_res_fraction']} is more "
+           "than all the epochs", where)
     _check(isinstance(t["stages"], list) and t["stages"], "train.stages must be a non-empty list", where)
     _check(t["pseudo_labels"] is None or (isinstance(t["pseudo_labels"], str) and t["pseudo_labels"].strip()),
            f"train.pseudo_labels = {t['pseudo_labels']!r}; null or the directory of a finished run's test "
@@ -401,6 +403,13 @@ def mid_res_epochs(cfg: dict) -> int:
     """How many epochs after the low-resolution ones train at ``train.mid_res_size``."""
     t = cfg["train"]
     return 0 if t["mid_res_size"] is None else low_res_count(t["mid_res_fraction"], total_epochs(cfg))
+
+
+def phase_of_epoch(cfg: dict, epoch: int) -> int:
+    """The resolution phase the config puts epoch ``epoch`` (0-based) in: 0 low (train.low_res_size),
+    1 middle (train.mid_res_size), 2 full size (budget.LOW, MID, FULL)."""
+    n_low = low_res_epochs(cfg)
+    return 0 if epoch < n_low else 1 if epoch < n_low + mid_res_epochs(cfg) else 2
 
 
 def n_views(tta: bool, shift: int = 0) -> int:

@@ -487,9 +487,12 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     start_epoch = state.epoch
     loader, sampler, n_batches = _loader(cfg, data, train_idx, seed, device, workers, ctx, pseudo)
 
-    t_fold, epoch_times = time.time(), {True: [], False: []}  # seconds of the low-res and the full-size epochs
+    t_fold, epoch_times = time.time(), {B.LOW: [], B.MID: [], B.FULL: []}  # seconds of each phase's epochs
     val_times: list[float] = []  # seconds of each full-size epoch's validation
-    went_full = any(str(r.get("input_px")) == str(builder.geo.pad_to) for r in log_rows)
+    phase_builders = {B.LOW: low_builder, B.MID: mid_builder, B.FULL: builder}
+    # the phase the fold reached (a resume never goes back to an earlier one either)
+    reached = max((p for p, b in phase_builders.items() for r in log_rows
+                   if b is not None and str(r.get("input_px")) == str(b.geo.pad_to)), default=B.LOW)
     tb = TensorBoard(fdir / "tb", t["tensorboard"] and ctx.is_main)
     while state.epoch < C.total_epochs(cfg):
         epoch, n_epochs = state.epoch, C.total_epochs(cfg)
@@ -507,11 +510,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
                                 "or check the data")
 
         progress = ProgressLog(fold, epoch, n_epochs, n_batches, enabled=ctx.is_main, world=ctx.world)
-        # never back to the low resolution once past it (a re-plan that adds epochs moves the switch)
-        low_res = low_builder is not None and not went_full and epoch < C.low_res_epochs(cfg)
-        went_full = went_full or not low_res
-        mid_res = mid_builder is not None and not low_res and epoch < C.low_res_epochs(cfg) + C.mid_res_epochs(cfg)
-        train_builder = low_builder if low_res else mid_builder if mid_res else builder
+        # never back to an earlier phase once past it (a re-plan that adds epochs moves the switches)
+        phase = reached = max(reached, C.phase_of_epoch(cfg, epoch))
+        low_res = phase == B.LOW
+        train_builder = phase_builders[phase]
         loss_sum, seen, lr = train_one_epoch(fwd_model, model, loader, n_batches, state,
                                              train_builder, loss_fn, t,
                                              device, precision, f"fold {fold} epoch {epoch + 1}/{n_epochs} "
@@ -553,7 +555,7 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             tb.epoch(epoch, log_rows[-1], *seen_masks)
         epoch_s = amortized_epoch_s(time.time() - t0, val_s, val_times, 1 if low_res else t["val_every"])
         if calibrate is not None and start_epoch == 0:
-            cfg = _recalibrate(cfg, calibrate(epoch + 1, epoch_s, low_res) if ctx.is_main else None, state, ctx)
+            cfg = _recalibrate(cfg, calibrate(epoch + 1, epoch_s, phase) if ctx.is_main else None, state, ctx)
             t = cfg["train"]
         state.epoch, new_stage = next_epoch(epoch, state.lrc.starts, state.since_best, t["early_stopping"])
         if state.epoch > epoch + 1 and ctx.is_main:
@@ -566,10 +568,10 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
             _write_log(rd.log(fold), log_rows)
             _checkpoint(state, cfg, fold, rd, device, precision, metric, epoch,
                         keep=improved if t["select"] == "best" else True)
-            epoch_times[low_res].append(epoch_s)
-            low_left = max(C.low_res_epochs(cfg) - state.epoch, 0) if low_res else 0
-            left = time_left(epoch_times, low_left, C.total_epochs(cfg) - state.epoch - low_left,
-                             (low_builder.geo.pad_to / builder.geo.pad_to) ** 2 if low_builder else 1.0)
+            epoch_times[phase].append(epoch_s)
+            phases_left = [max(reached, C.phase_of_epoch(cfg, e)) for e in range(state.epoch, C.total_epochs(cfg))]
+            left = time_left(epoch_times, {p: phases_left.count(p) for p in epoch_times},
+                             {p: (b.geo.pad_to / builder.geo.pad_to) ** 2 for p, b in phase_builders.items() if b})
             scored = (f"val {val_loss:.4f} metric {metric:.4f} iou {iou:.4f} (best {state.best_metric:.4f})"
                       if validated else f"not validated ({t['low_res_size']} px epoch; train.low_res_validate)"
                       if low_res else f"not validated (train.val_every {t['val_every']})")
@@ -633,14 +635,17 @@ def amortized_epoch_s(seconds: float, val_s: float, val_times: list[float], val_
     return seconds - val_s + float(np.mean(val_times[-3:])) / val_every
 
 
-def time_left(epoch_times: dict[bool, list[float]], low_left: int, full_left: int, pixel_ratio: float) -> float:
-    """Seconds of ``low_left`` more low-resolution and ``full_left`` more full-size epochs, from the
-    last five epochs of each kind (``epoch_times[low_res]``); a kind not seen yet is the other one
-    scaled by the pixel count (``pixel_ratio``: low-res pixels over full-size ones)."""
-    low, full = (float(np.mean(epoch_times[k][-5:])) if epoch_times[k] else None for k in (True, False))
-    low = low if low is not None else full * pixel_ratio
-    full = full if full is not None else low / pixel_ratio
-    return low_left * low + full_left * full
+def time_left(epoch_times: dict[int, list[float]], left: dict[int, int], pixels: dict[int, float]) -> float:
+    """Seconds of ``left[p]`` more epochs of each phase ``p`` (budget.LOW, MID, FULL), from the last
+    five epochs of each (``epoch_times[p]``); a phase not seen yet is the latest phase seen scaled by
+    the pixel counts (``pixels[p]``: the phase's input pixels over the full-size ones)."""
+    seen = [p for p in sorted(epoch_times) if epoch_times[p]]
+    if not seen:
+        return 0.0
+    mean = {p: float(np.mean(epoch_times[p][-5:])) for p in seen}
+    latest = seen[-1]
+    return sum(n * (mean[p] if p in mean else mean[latest] / pixels[latest] * pixels[p])
+               for p, n in left.items() if n)
 
 
 def _clock(ts: float) -> str:
@@ -750,10 +755,11 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last")}
     facts = _device_facts(device)
     saved = read_precision(run_dir)
-    low = t["low_res_size"]
+    low, mid = t["low_res_size"], t["mid_res_size"]
     same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
         and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates) \
-        and (not want_rates or not low or (saved.get("low_res") or {}).get("size") == low)
+        and (not want_rates or not low or (saved.get("low_res") or {}).get("size") == low) \
+        and (not want_rates or not mid or (saved.get("mid_res") or {}).get("size") == mid)
     if same:
         prec = Precision.from_dict(saved["precision"])
         log.info("precision: %s (chosen before, %s; %s)", prec.name, prec.reason, precision_path(run_dir))
@@ -784,22 +790,26 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
                      torch.from_numpy(data.depths[vrows]).to(device))
         out["eval_rate"] = round(hardware.time_inference(model, xv, prec, device), 2)
         out["data_s_per_image"] = _augment_cost(cfg, data, train_idx)
-        if low:  # progressive resizing: what a step costs at the low resolution, in the chosen precision
-            lb = builder.at_size(low)
-            xl = lb(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
-            yl = lb.target(torch.from_numpy(data.masks[rows]).to(device))
-            low_timer = hardware.make_step_timer(model, xl, yl, get_loss(t["stages"][0]["loss"]), lb.geo.crop, device)
+        if low:  # progressive resizing: what a step costs at the low (and middle) resolution, in the chosen precision
+            sizes = {"low_res": low, **({"mid_res": mid} if mid else {})}
+            timers = {}
+            for key, size in sizes.items():
+                sb = builder.at_size(size)
+                xs = sb(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
+                ys = sb.target(torch.from_numpy(data.masks[rows]).to(device))
+                timers[key] = hardware.make_step_timer(model, xs, ys, get_loss(t["stages"][0]["loss"]), sb.geo.crop,
+                                                       device)
             # the best of 3 alternating timings at each size: a busy neighbour must not make the small
             # input look dearer than the full one (one contended timing said 4x)
-            lows, fulls = [], []
+            times: dict[str, list[float]] = {key: [] for key in (*timers, "full")}
             for _ in range(3):
-                lows.append(low_timer(prec.dtype, prec.channels_last, batch))
-                fulls.append(timer(prec.dtype, prec.channels_last, batch))
-            ratio = min(1.0, min(lows) / min(fulls))
-            out["low_res"] = {"size": low, "step_cost_vs_full": round(ratio, 4),
-                              "train_rate": round(train_rate / ratio, 2)}
-            log.info("progressive resizing: a training step at %d px costs %.2f of one at %d px (best of 3 each)",
-                     low, ratio, geo.pad_to)
+                for key, tm in (*timers.items(), ("full", timer)):
+                    times[key].append(tm(prec.dtype, prec.channels_last, batch))
+            for key, size in sizes.items():
+                ratio = min(1.0, min(times[key]) / min(times["full"]))
+                out[key] = {"size": size, "step_cost_vs_full": round(ratio, 4), "train_rate": round(train_rate / ratio, 2)}
+                log.info("progressive resizing: a training step at %d px costs %.2f of one at %d px (best of 3 each)",
+                         size, ratio, geo.pad_to)
     out["probe_seconds"] = round(time.time() - t0, 1)
     write_json_atomic(precision_path(run_dir), out)
     rates = ", ".join(f"{k} {v:g}" for k, v in prec.rates.items()) or "not measured"
@@ -835,7 +845,9 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
                     data_s_per_image=rates.get("data_s_per_image", 0.0) / scale,
                     low_res_rate=rates["low_res"]["train_rate"] * scale if rates.get("low_res") else None,
                     low_res_share=cfg["train"]["low_res_fraction"] if cfg["train"]["low_res_size"] else 0.0,
-                    low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"])
+                    low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"],
+                    mid_res_rate=rates["mid_res"]["train_rate"] * scale if rates.get("mid_res") else None,
+                    mid_res_share=cfg["train"]["mid_res_fraction"] if cfg["train"]["mid_res_size"] else 0.0)
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
     plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
@@ -855,18 +867,19 @@ def _calibrator(run_dir: Path, folds_after: int):
     than 0.6 of an epoch (the host slowed down or sped up)."""
     recent: list[float] = []
 
-    def calibrate(done: int, epoch_s: float, low_res: bool = False) -> list[int] | None:
-        """``low_res``: the epoch trained at train.low_res_size (train_fold never goes back to it)."""
+    def calibrate(done: int, epoch_s: float, phase: int = B.FULL) -> list[int] | None:
+        """``phase``: the resolution phase the epoch trained in (B.LOW, MID or FULL; train_fold never
+        goes back to an earlier one)."""
         plan = B.read_plan(run_dir)
         if plan is None:
             return None
-        weight = plan["low_res"]["relative_cost"] if low_res and plan.get("low_res") else 1.0
+        weight = B.phase_cost(plan.get("low_res"), phase)
         if plan.get("calibrated") is False:
             new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
         else:  # in full-resolution epochs: progressive resizing's first epochs cost less
             recent.append(epoch_s / weight)
             mean = float(np.mean(recent[-3:]))
-            new = B.replan(plan, done, mean, time.time(), folds_after, switched=not low_res)
+            new = B.replan(plan, done, mean, time.time(), folds_after, reached=phase)
             why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"
         if new is None:
             return None
@@ -880,7 +893,7 @@ def _calibrator(run_dir: Path, folds_after: int):
 
 def _follower(run_dir: Path, folds_after: int):
     """A rank other than the main one: the plan is the main process's to change."""
-    return lambda done, epoch_s, low_res=False: None
+    return lambda done, epoch_s, phase=B.FULL: None
 
 
 def job_start_time() -> float:
@@ -928,9 +941,6 @@ def train_command(args) -> int:
     budget_min = args.time_budget if args.time_budget is not None else cfg["train"]["time_budget_minutes"]
     if budget_min is not None and not budget_min > 0:
         raise UserError(f"--time-budget {budget_min}: a positive number of minutes")
-    if budget_min is not None and cfg["train"]["mid_res_size"] is not None:
-        raise UserError(f"--time-budget with train.mid_res_size {cfg['train']['mid_res_size']}: the time plan counts "
-                        "two resolutions only; give the three phases a fixed epoch count (train.stages)")
     parallel = max(1, args.parallel_folds or 1)
     device = resolve_device(args.device)
     ctx = init_distributed(device.type)
