@@ -450,6 +450,10 @@ def test_plan_with_a_middle_phase_counts_each_phase_at_its_cost():
     assert B.units_left(low, 20, done=5, reached=B.MID) == pytest.approx(
         sum(max(low["mid_relative_cost"], B.epoch_weight(low, e, 20)) for e in range(5, 20)))
     assert B.units_left(low, 20, done=5, reached=B.FULL) == 15.0
+    # no low-res epochs (train.low_res_fraction 0), a middle phase only: still counted at its cost
+    mid_only = B.Costs(**{**B.to_dict(costs), "low_res_share": 0.0}).low_res
+    assert [B.planned_phase(mid_only, e, 10) for e in range(10)] == [B.MID] * 3 + [B.FULL] * 7
+    assert B.fold_units(mid_only, 10) == pytest.approx(3 * low["mid_relative_cost"] + 7)
     # no middle share (or a plan written before the option): two phases, as before
     two = {"share": 0.4, "relative_cost": 0.375}
     assert [B.planned_phase(two, e, 10) for e in range(10)] == [B.LOW] * 4 + [B.FULL] * 6

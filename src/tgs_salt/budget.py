@@ -69,11 +69,12 @@ class Costs:
         """Progressive resizing as the plan sees it: the share of low-resolution epochs and what one
         costs relative to a full-resolution epoch (None without it); with a middle phase, its share
         and relative cost too (``mid_share``, ``mid_relative_cost``: validated like a full-size epoch)."""
-        if not self.low_res_rate or not self.low_res_share:
+        mid_phase = bool(self.mid_res_rate and self.mid_res_share)
+        if not self.low_res_rate or not (self.low_res_share or mid_phase):  # a middle phase alone counts too
             return None
         low = self._epoch_s(self.low_res_rate, float(self.low_res_validates))
         out = {"share": self.low_res_share, "relative_cost": round(low / self.epoch_s, 4)}
-        if self.mid_res_rate and self.mid_res_share:
+        if mid_phase:
             mid = self._epoch_s(self.mid_res_rate, 1.0 / max(self.val_every, 1))
             out.update({"mid_share": self.mid_res_share, "mid_relative_cost": round(mid / self.epoch_s, 4)})
         return out
