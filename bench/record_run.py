@@ -1,6 +1,10 @@
 """Record a finished run's CV and timings under bench/results/ (with the hardware).
 
-    python bench/record_run.py RUN_DIR NAME [--wall-seconds S] [--note TEXT]
+    python bench/record_run.py RUN_DIR NAME [--wall-seconds S] [--note TEXT] [--data-dir DIR]
+
+The result keeps the run's per-image scores (at the default threshold and nested), so a later run
+can be paired against it after its run directory is gone:
+``python -m tgs_salt compare bench/results/NAME.json runs/NEW``.
 """
 
 import argparse
@@ -9,6 +13,9 @@ from pathlib import Path
 
 from common import save
 
+from tgs_salt.compare import run_scores
+from tgs_salt.errors import UserError
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -16,6 +23,7 @@ def main():
     p.add_argument("name")
     p.add_argument("--wall-seconds", type=float)
     p.add_argument("--note")
+    p.add_argument("--data-dir", help="the data the run was trained on (default: the one it recorded)")
     a = p.parse_args()
     run = Path(a.run_dir)
     cv = json.loads((run / "cv.json").read_text())
@@ -38,6 +46,10 @@ def main():
     sub = run / "submission.json"
     if sub.exists():
         result["submission"] = json.loads(sub.read_text())
+    try:  # the ground truth is needed to score each image
+        result["per_image"] = run_scores(run, Path(a.data_dir) if a.data_dir else None)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     save(a.name, result)
 
 

@@ -672,6 +672,24 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
         paired(stored, {**stored, "ids": stored["ids"][::-1]})
     with pytest.raises(UserError, match="different groups of images"):
         paired(stored, {**stored, "nested_method": "tuned on the other half of the held-out images"})
+    # a recorded result (bench/record_run.py keeps per_image) pairs against a run directory
+    rec = tmp_path / "recorded.json"
+    rec.write_text(json.dumps({"cv_score": 0.5, "per_image": worse}))
+    r = run_cli("compare", rec, run_dir, "--out", out, "--bootstrap", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["default_threshold"]["gain"] == pytest.approx(-p["default_threshold"]["gain"], abs=1e-6)
+    assert res["nested"]["gain"] == 0 and res["n_images"] == len(stored["ids"])
+    from tgs_salt.compare import stored_or_run_scores
+
+    for bad, msg in (({"cv_score": 0.5}, "no per-image scores"),
+                     ({"per_image": {**stored, "nested": stored["nested"][1:]}}, "ids but")):
+        rec.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=msg):
+            stored_or_run_scores(rec)
+    rec.write_text("not json")
+    r = run_cli("compare", rec, run_dir)
+    assert r.returncode != 0 and "not a run directory nor a JSON result" in r.stderr and "Traceback" not in r.stderr
     # a list of runs is scored as their equal-weight average (bench/ensemble_gain.py): a run with itself is the run
     from tgs_salt.compare import per_image
 

@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="paired comparison of two runs on the same held-out images, with a "
                        "bootstrap interval", epilog="example: python -m tgs_salt compare runs/cpu_budget runs/mine")
-    s.add_argument("base", help="the reference run directory")
-    s.add_argument("other", help="the run directory compared against it")
+    s.add_argument("base", help="the reference run directory (or a result JSON with per-image scores, "
+                   "as bench/record_run.py writes them)")
+    s.add_argument("other", help="the run directory (or result JSON) compared against it")
     data_arg(s)
     s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
     s.add_argument("--out", help="also write the result to this JSON file")

@@ -1,5 +1,8 @@
 """``python -m tgs_salt compare BASE OTHER``: is OTHER better than BASE, beyond noise?
 
+BASE and OTHER are run directories, or result files that kept their per-image scores
+(``bench/record_run.py`` writes them to ``bench/results/``).
+
 Both runs' out-of-fold predictions are scored image by image on the images they share, at the
 default threshold and with nested post-processing (each group tuned on the others, the same
 groups for both runs), and the mean per-image difference OTHER - BASE is reported with a 95%
@@ -74,8 +77,29 @@ def run_scores(run_dir: Path, data_dir: Path | None = None) -> dict:
             "nested_method": how}
 
 
+def stored_or_run_scores(path: Path, data_dir: Path | None = None) -> dict:
+    """Per-image scores of a run directory (scored now) or of a recorded result: a JSON file
+    holding them under ``per_image`` (``bench/record_run.py`` keeps them), so that an hour whose
+    run directory is gone can still be paired against a new one."""
+    path = Path(path)
+    if not path.is_file():
+        return run_scores(path, data_dir)
+    try:
+        rec = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a run directory nor a JSON result file ({e})") from None
+    scores = rec.get("per_image") if isinstance(rec, dict) else None
+    if not isinstance(scores, dict) or not {"ids", "default", "nested", "nested_method"} <= scores.keys():
+        raise UserError(f"{path}: holds no per-image scores (a result recorded before they were kept, or not "
+                        "a result file); compare the run directories instead")
+    if not len(scores["ids"]) == len(scores["default"]) == len(scores["nested"]):
+        raise UserError(f"{path}: per_image has {len(scores['ids'])} ids but {len(scores['default'])} / "
+                        f"{len(scores['nested'])} scores")
+    return scores
+
+
 def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int = 10000) -> dict:
-    a, b = run_scores(base, data_dir), run_scores(other, data_dir)
+    a, b = stored_or_run_scores(base, data_dir), stored_or_run_scores(other, data_dir)
     try:
         r = paired(a, b, n_boot)
     except UserError as e:
