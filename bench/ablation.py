@@ -18,7 +18,8 @@ from pathlib import Path
 
 from common import RESULTS, save
 
-from tgs_salt.compare import paired, run_scores
+from tgs_salt.compare import paired, recorded_scores, run_scores
+from tgs_salt.errors import UserError
 
 
 def run_facts(run: Path) -> dict:
@@ -67,10 +68,11 @@ def main():
             ref = by_label.get(ref_label)
             if ref is None:
                 raise SystemExit(f"--against {ref_label!r}: no such row (rows: {list(by_label)})")
-            if "per_image" not in ref:
-                raise SystemExit(f"row {ref_label!r} has no per-image scores (recorded before they were kept); "
-                                 "pair against a row that has them")
-            c = paired(ref["per_image"], r["per_image"])
+            try:
+                c = paired(recorded_scores(ref, f"row {ref_label!r}", "pair against a row that has them"),
+                           r["per_image"])
+            except UserError as e:
+                raise SystemExit(f"error: {e}") from None
             r["against"] = ref_label
             r["paired_gain_default"] = c["default_threshold"]
             r["paired_gain_nested"] = c["nested"]

@@ -88,12 +88,18 @@ def stored_or_run_scores(path: Path, data_dir: Path | None = None) -> dict:
         rec = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a run directory nor a JSON result file ({e})") from None
-    scores = rec.get("per_image") if isinstance(rec, dict) else None
+    return recorded_scores(rec, str(path), "compare the run directories instead")
+
+
+def recorded_scores(record, where: str, hint: str) -> dict:
+    """The per-image scores a recorded result (a ``bench/results`` file, or a row of an ablation
+    table) keeps under ``per_image``; a clear error naming ``where`` when it kept none."""
+    scores = record.get("per_image") if isinstance(record, dict) else None
     if not isinstance(scores, dict) or not {"ids", "default", "nested", "nested_method"} <= scores.keys():
-        raise UserError(f"{path}: holds no per-image scores (a result recorded before they were kept, or not "
-                        "a result file); compare the run directories instead")
+        raise UserError(f"{where}: holds no per-image scores (a result recorded before they were kept, or not "
+                        f"a result file); {hint}")
     if not len(scores["ids"]) == len(scores["default"]) == len(scores["nested"]):
-        raise UserError(f"{path}: per_image has {len(scores['ids'])} ids but {len(scores['default'])} / "
+        raise UserError(f"{where}: per_image has {len(scores['ids'])} ids but {len(scores['default'])} / "
                         f"{len(scores['nested'])} scores")
     return scores
 
