@@ -649,6 +649,49 @@ def test_bootstrap_interval_covers_the_mean_with_the_right_width():
     assert lo < d.mean() < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
 
 
+
+def _pair_scores(rng, ids, base, run_shift, image_effect, noise):
+    """A (base, other) pair of per-image score dicts: other = base + image effect + a run-level shift."""
+    other = base + image_effect + run_shift + rng.normal(0, noise, len(ids))
+    return ({"ids": ids, "default": base, "nested": base, "nested_method": "m"},
+            {"ids": ids, "default": other, "nested": other, "nested_method": "m"})
+
+
+def test_pooled_interval_counts_the_spread_between_runs():
+    from tgs_salt.compare import pooled
+    from tgs_salt.errors import UserError
+
+    rng = np.random.default_rng(0)
+    n = 200
+    ids = [f"i{k}" for k in range(n)]
+    base = rng.uniform(0, 1, n)
+    # the same gain in every pair: the pooled gain is the mean, and runs add nothing to the interval
+    same = [_pair_scores(rng, ids, base, 0.0, np.full(n, 0.01), 0.0) for _ in range(3)]
+    r = pooled(same, n_boot=200)["default_threshold"]
+    assert r["gain"] == pytest.approx(0.01) and r["ci95"] == pytest.approx([0.01, 0.01])
+    assert r["se_runs"] == pytest.approx(0, abs=1e-9) and r["pair_gains"] == pytest.approx([0.01] * 3)
+    # two pairs whose runs moved every image by +0.05 and -0.03: the images alone say the gain (+0.01)
+    # is certain; the pooled interval, with one degree of freedom for the runs, says it is not
+    split = [_pair_scores(rng, ids, base, s, np.zeros(n), 0.0) for s in (0.05, -0.03)]
+    r = pooled(split, n_boot=200)["nested"]
+    assert r["gain"] == pytest.approx(0.01) and r["ci95_images_only"] == pytest.approx([0.01, 0.01])
+    assert r["ci95"][0] < -0.2 and r["ci95"][1] > 0.2 and r["df"] == pytest.approx(1.0)
+    # coverage: zero true gain, runs differing by more than the images resolve: the pooled 95% interval
+    # covers 0 about 95% of the time over three pairs, the images-alone interval far less often
+    covered = covered_images = 0
+    trials = 300
+    for _ in range(trials):
+        pairs = [_pair_scores(rng, ids, base, rng.normal(0, 0.01), np.zeros(n), 0.05) for _ in range(3)]
+        r = pooled(pairs, n_boot=200)["default_threshold"]
+        covered += r["ci95"][0] <= 0 <= r["ci95"][1]
+        covered_images += r["ci95_images_only"][0] <= 0 <= r["ci95_images_only"][1]
+    assert 0.9 <= covered / trials <= 0.995 and covered_images / trials < 0.75
+    with pytest.raises(UserError, match="at least two pairs"):
+        pooled(same[:1])
+    moved = {**same[1][1], "ids": ids[::-1]}
+    with pytest.raises(UserError, match="pair 2's other holds out other images"):
+        pooled([same[0], (same[1][0], moved)])
+
 def test_compare_runs_paired(trained, synth_dir, tmp_path):
     cfg_path, run_dir = trained
     out = tmp_path / "cmp.json"
@@ -690,6 +733,17 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
     rec.write_text("not json")
     r = run_cli("compare", rec, run_dir)
     assert r.returncode != 0 and "not a run directory nor a JSON result" in r.stderr and "Traceback" not in r.stderr
+    # several pairs are pooled; runs come in pairs
+    rec.write_text(json.dumps({"per_image": worse}))
+    r = run_cli("compare", run_dir, rec, run_dir, run_dir, "--out", out, "--bootstrap", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [x["default_threshold"]["gain"] for x in res["pairs"]] == pytest.approx([p["default_threshold"]["gain"], 0])
+    pool = res["pooled"]["default_threshold"]
+    assert pool["gain"] == pytest.approx(p["default_threshold"]["gain"] / 2, abs=1e-6) and 1 <= pool["df"] < 2
+    assert "pooled over 2 pairs" in r.stdout and res["pooled"]["nested"]["ci95"] == [0, 0]
+    r = run_cli("compare", run_dir, rec, run_dir)
+    assert r.returncode != 0 and "in pairs" in r.stderr and "Traceback" not in r.stderr
     # a list of runs is scored as their equal-weight average (bench/ensemble_gain.py): a run with itself is the run
     from tgs_salt.compare import per_image
 

@@ -256,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", nargs="?", help="a directory of runs, or one run (default: $TGS_RUNS_DIR or runs/)")
     s.set_defaults(func=cmd_runs)
 
-    s = sub.add_parser("compare", help="paired comparison of two runs on the same held-out images, with a "
-                       "bootstrap interval", epilog="example: python -m tgs_salt compare runs/cpu_budget runs/mine")
+    s = sub.add_parser("compare", help="paired comparison of two runs (or of several pairs) on the same held-out "
+                       "images, with a bootstrap interval", epilog="examples: python -m tgs_salt compare runs/cpu_budget "
+                       "runs/mine; python -m tgs_salt compare runs/base_s42 runs/mine_s42 runs/base_s43 runs/mine_s43")
     s.add_argument("base", help="the reference run directory (or a result JSON with per-image scores, "
                    "as bench/record_run.py writes them)")
     s.add_argument("other", help="the run directory (or result JSON) compared against it")
+    s.add_argument("more", nargs="*", metavar="BASE OTHER", help="further pairs (one per seed, say): the gain is "
+                   "then also pooled over the pairs, with an interval counting the spread between runs")
     data_arg(s)
     s.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
     s.add_argument("--out", help="also write the result to this JSON file")

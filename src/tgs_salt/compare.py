@@ -8,6 +8,11 @@ default threshold and with nested post-processing (each group tuned on the other
 groups for both runs), and the mean per-image difference OTHER - BASE is reported with a 95%
 bootstrap interval over images. 601 images give a standard error of about 0.016 on one score,
 but paired differences cancel what the images have in common and resolve far smaller gains.
+
+That interval is over images only: two training runs of the same recipe (another seed, or the same
+seed on a host that fits fewer epochs) differ by more than it allows. ``compare B1 O1 B2 O2 ...``
+pairs several runs (say, one pair per seed) and pools them: the mean of the pairs' gains, with an
+interval counting both the spread between the pairs' gains and the images' sampling error.
 """
 
 from __future__ import annotations
@@ -70,6 +75,49 @@ def paired(a: dict, b: dict, n_boot: int = 10000) -> dict:
     return out
 
 
+def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
+    """Gain of OTHER over BASE pooled over several pairs of runs (a pair per seed, say), each pair as
+    :func:`paired` takes it; every run must hold out the same images, tuned on the same groups.
+
+    The pooled gain is the mean of the pairs' gains. Its interval counts the two sources of noise:
+    which runs were drawn (the sample variance of the pairs' gains over their number) and which images
+    (the variance of the per-image gains averaged over the pairs, over the number of images), added,
+    with Welch-Satterthwaite degrees of freedom for Student's t. The sum counts the run-by-image
+    interaction twice, so the interval errs on the wide side; with two or three pairs it is wide
+    because the run-to-run spread is poorly known, which is what it should say. The bootstrap interval
+    over images alone (the runs taken as fixed) is reported beside it."""
+    from scipy.stats import t as student_t
+
+    if len(pairs) < 2:
+        raise UserError("pooling needs at least two pairs of runs")
+    first = pairs[0][0]
+    for i, (a, b) in enumerate(pairs):
+        for which, x in (("base", a), ("other", b)):
+            if not np.array_equal(np.asarray(x["ids"]), np.asarray(first["ids"])) \
+                    or x.get("nested_method") != first.get("nested_method"):
+                raise UserError(f"pair {i + 1}'s {which} holds out other images (or was tuned on other groups) than "
+                                "pair 1's base; pooling needs every run on the same folds")
+    m, n = len(pairs), len(first["ids"])
+    out = {"n_pairs": m, "n_images": n, "bootstrap_resamples": n_boot}
+    for name, key in (("default_threshold", "default"), ("nested", "nested")):
+        d = np.stack([np.asarray(b[key], dtype=float) - np.asarray(a[key], dtype=float) for a, b in pairs])
+        gains, per_image_gain = d.mean(axis=1), d.mean(axis=0)
+        gain = float(gains.mean())
+        v_runs, v_images = float(gains.var(ddof=1)) / m, float(per_image_gain.var(ddof=1)) / n
+        se = (v_runs + v_images) ** 0.5
+        if se > 0:
+            df = se ** 4 / (v_runs ** 2 / (m - 1) + v_images ** 2 / (n - 1))
+            half = float(student_t.ppf(0.975, df)) * se
+        else:
+            df, half = float("inf"), 0.0
+        lo, hi = bootstrap_interval(per_image_gain, n_boot)
+        out[name] = {"gain": round(gain, 6), "pair_gains": [round(float(g), 6) for g in gains],
+                     "se_runs": round(v_runs ** 0.5, 6), "se_images": round(v_images ** 0.5, 6),
+                     "df": round(df, 2), "ci95": [round(gain - half, 6), round(gain + half, 6)],
+                     "ci95_images_only": [round(lo, 6), round(hi, 6)]}
+    return out
+
+
 def run_scores(run_dir: Path, data_dir: Path | None = None) -> dict:
     ids, at_default, nested, how = per_image(run_dir, data_dir)
     return {"ids": [str(i) for i in ids], "default": np.round(at_default, 4).tolist(),
@@ -113,15 +161,58 @@ def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int =
     return {"base": str(base), "other": str(other), "nested_method": a["nested_method"], **r}
 
 
-def compare_command(args) -> int:
-    r = compare(Path(args.base), Path(args.other), Path(args.data_dir) if args.data_dir else None, args.bootstrap)
-    print(f"{Path(args.other).name} against {Path(args.base).name}, paired on {r['n_images']} held-out images")
+def compare_pairs(paths: list[Path], data_dir: Path | None = None, n_boot: int = 10000) -> dict:
+    """:func:`compare` for each pair of ``paths`` (BASE1, OTHER1, BASE2, OTHER2, ...) and, given more
+    than one pair, :func:`pooled` over them."""
+    if len(paths) % 2:
+        raise UserError(f"compare takes runs in pairs (BASE OTHER [BASE OTHER ...]); got {len(paths)}: "
+                        f"{' '.join(str(p) for p in paths)}")
+    pairs = [(Path(a), Path(b)) for a, b in zip(paths[::2], paths[1::2])]
+    if len(pairs) == 1:
+        return compare(*pairs[0], data_dir, n_boot)
+    scores = {p: stored_or_run_scores(p, data_dir) for p in dict.fromkeys(paths)}
+    results = []
+    for a, b in pairs:
+        try:
+            r = paired(scores[a], scores[b], n_boot)
+        except UserError as e:
+            raise UserError(f"{a} and {b}: {e}") from None
+        results.append({"base": str(a), "other": str(b), **r})
+    return {"nested_method": scores[pairs[0][0]]["nested_method"],
+            "pooled": pooled([(scores[a], scores[b]) for a, b in pairs], n_boot), "pairs": results}
+
+
+def _verdict(ci) -> str:
+    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "not resolved from noise"
+
+
+def _print_pair(r: dict) -> None:
+    print(f"{Path(r['other']).name} against {Path(r['base']).name}, paired on {r['n_images']} held-out images")
     for name in ("default_threshold", "nested"):
         x = r[name]
-        verdict = "better" if x["ci95"][0] > 0 else "worse" if x["ci95"][1] < 0 else "not resolved from noise"
         print(f"  {name:>17s}: {x['base']:.4f} -> {x['other']:.4f}  gain {x['gain']:+.4f} "
               f"(95% bootstrap {x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f}; {x['images_better']} images better, "
-              f"{x['images_worse']} worse): {verdict}")
+              f"{x['images_worse']} worse): {_verdict(x['ci95'])}")
+
+
+def compare_command(args) -> int:
+    r = compare_pairs([Path(args.base), Path(args.other), *map(Path, args.more)],
+                      Path(args.data_dir) if args.data_dir else None, args.bootstrap)
+    if "pooled" not in r:
+        _print_pair(r)
+        print("  the interval is over images only: training runs of one recipe differ by more; pair one run per "
+              "seed (compare B1 O1 B2 O2 ...) to count that too")
+    else:
+        for pair in r["pairs"]:
+            _print_pair(pair)
+        p = r["pooled"]
+        print(f"pooled over {p['n_pairs']} pairs (the runs and the {p['n_images']} images both sampled)")
+        for name in ("default_threshold", "nested"):
+            x = p[name]
+            print(f"  {name:>17s}: gain {x['gain']:+.4f} (pairs {', '.join(f'{g:+.4f}' for g in x['pair_gains'])}; "
+                  f"95% interval {x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f}, t with {x['df']:.1f} df; "
+                  f"images alone {x['ci95_images_only'][0]:+.4f} .. {x['ci95_images_only'][1]:+.4f}): "
+                  f"{_verdict(x['ci95'])}")
     print(f"  nested: {r['nested_method']}")
     if args.out:
         write_json_atomic(Path(args.out), r)
