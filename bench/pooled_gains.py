@@ -24,9 +24,8 @@ import argparse
 import json
 
 import numpy as np
-from scipy.stats import t as student_t
-
 from common import RESULTS
+from scipy.stats import t as student_t
 
 from tgs_salt.compare import pooled, recorded_scores
 from tgs_salt.io_utils import write_json_atomic
@@ -50,8 +49,8 @@ LEVERS = [
      [row(AMX, "+ progressive resizing (train.low_res_size 64"), row(AMX, "+ progressive resizing, seed 43")]),
     ("BCE + 1.0 symmetric Lovász instead of 0.5 (AMX, 47 epochs)", "kept",
      [row(AMX, "BCE + 1.0 symmetric Lovasz instead of 0.5")]),
-    ("half the empty-mask images per epoch (empty_fraction 0.5 vs 1): fixed 48 epochs (AVX2 EPYC) and a real "
-     "AVX2 hour", "kept",
+    ("half the empty-mask images per epoch (empty_fraction 0.5 vs 1): fixed 48 epochs (AVX2 EPYC), a real AVX2 hour",
+     "kept",
      [row(F48, "half the empty-mask images per epoch"),
       files("cpu_budget_s43_session39_real_avx2.json", "cpu_budget_empty05_s43_real_avx2.json")]),
     ("a third of the empty-mask images (empty_fraction 0.3 vs 0.5): 26- and 30-min budgets, AVX2-limited EPYC",
