@@ -246,6 +246,71 @@ def test_decide_applies_tuning_only_where_it_wins_held_out():
         assert decide(probs, truth, forced, groups)[1]["applied"] == want
 
 
+
+def test_score_table_search_matches_a_sweep_per_classifier_cut():
+    """ScoreTable.search (sums of per-image scores) finds what a threshold sweep over the pixels at
+    every classifier cut finds (the search it replaced), on any subset of the images."""
+    from tgs_salt.metric import per_image_scores, threshold_sweep
+    from tgs_salt.postprocess import CLS_GRID, ScoreTable
+
+    probs, truth, cls, _ = _salt_case(n=90)
+    probs = np.clip(probs + np.random.default_rng(1).uniform(-0.3, 0.3, probs.shape), 0, 1).astype(np.float32)
+    th, areas = np.round(np.linspace(0.05, 0.95, 19), 6), np.array([0, 10, 150])
+    table = ScoreTable(probs, truth, th, areas, cls)
+    for sel in (np.ones(90, bool), np.arange(90) % 3 != 0, np.arange(90) < 30):
+        best, best_score = None, -1.0
+        for c in CLS_GRID:
+            p = probs[sel] if not c else np.where((cls[sel] < c)[:, None, None], 0, probs[sel])
+            grid = threshold_sweep(p, truth[sel], th, areas)
+            a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
+            if grid[a, k] > best_score + 1e-12:
+                best, best_score, best_grid = PostProcess(float(th[k]), int(areas[a]), float(c)), grid[a, k], grid
+        pp, score, grid = table.search(sel)
+        assert pp == best and score == pytest.approx(best_score) and np.allclose(grid, best_grid)
+        scored = per_image_scores(apply(probs[sel], pp, cls=cls[sel]), truth[sel]).mean()
+        assert scored == pytest.approx(score)
+    no_cls = ScoreTable(probs, truth, th, areas)
+    pp, score, grid = no_cls.search()
+    assert pp.cls_threshold is None and np.allclose(grid, threshold_sweep(probs, truth, th, areas))
+
+def test_policy_scores_make_the_choice_held_out():
+    """postprocess.policy_scores: each group gets what auto picks from the other groups alone, so
+    no group's truth takes part in its own choice; where every group agrees with the whole, the
+    figure is the applied one's."""
+    from tgs_salt.postprocess import policy_scores
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((80, 101, 101), bool)
+    truth[np.arange(80) % 4 < 2, 20:60, 30:80] = True  # salt in half of each group's images
+    probs = np.where(truth, 0.35, 0.05).astype(np.float32) + rng.uniform(0, 0.05, truth.shape).astype(np.float32)
+    groups = np.arange(80) % 2
+    cfg = {"postprocess": {"thresholds": [0.05, 0.95, 19], "min_areas": [0, 10], "default_threshold": 0.5,
+                           "tune": "auto"}}
+    _, how = decide(probs, truth, cfg, groups)
+    assert [c["applied"] for c in how["policy_postprocess"]] == ["tuned", "tuned"]
+    assert how["score_policy"] == pytest.approx(how["score_applied"]) == pytest.approx(1.0)
+    exact = truth.astype(np.float32)
+    _, how = decide(exact, truth, cfg, groups)
+    assert [c["applied"] for c in how["policy_postprocess"]] == ["untuned", "untuned"]
+    assert how["score_policy"] == how["score_applied"] == how["sweep"]["score_default"]
+    # group 0's truth changed: its choice is unchanged (made on group 1), its score is not
+    scores, chosen = policy_scores(probs, truth, cfg, groups)
+    truth2 = truth.copy()
+    truth2[groups == 0] = ~truth2[groups == 0]
+    scores2, chosen2 = policy_scores(probs, truth2, cfg, groups)
+    assert chosen2[0] == chosen[0] and chosen2[1] != chosen[1]
+    assert scores2[groups == 0].mean() < scores[groups == 0].mean()
+    # the forced modes: true is the nested figure, false the untuned one
+    nested, _ = nested_scores(probs, truth, cfg, groups)
+    assert np.array_equal(policy_scores(probs, truth, {"postprocess": {**cfg["postprocess"], "tune": True}},
+                                         groups)[0], nested)
+    untuned_scores = policy_scores(probs, truth, {"postprocess": {**cfg["postprocess"], "tune": False}}, groups)[0]
+    assert untuned_scores.mean() == pytest.approx(0.5)
+    # folds as groups: the choice for each comes from the others' own nested split by fold
+    three = np.arange(80) % 3
+    _, chosen3 = policy_scores(probs, truth, cfg, three)
+    assert [c["group"] for c in chosen3] == [0, 1, 2] and all(c["applied"] == "tuned" for c in chosen3)
+
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, synth_dir):
     tmp = tmp_path_factory.mktemp("pred")

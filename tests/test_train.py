@@ -699,7 +699,7 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["nested_method"] == "tuned on the other folds" and res["n_images"] > 0
-    for k in ("default_threshold", "nested"):
+    for k in ("default_threshold", "nested", "submitted"):
         assert res[k]["gain"] == 0 and res[k]["ci95"] == [0, 0] and res[k]["base"] == res[k]["other"]
     # per-image scores stored as JSON (as the ablation table keeps them) pair as the runs do
     from tgs_salt.compare import paired, run_scores
@@ -711,6 +711,9 @@ def test_compare_runs_paired(trained, synth_dir, tmp_path):
     p = paired(stored, worse, n_boot=200)
     assert p["nested"]["gain"] == 0 and p["default_threshold"]["images_better"] == 0
     assert p["default_threshold"]["gain"] == pytest.approx(np.mean(worse["default"]) - np.mean(stored["default"]))
+    # the submission's policy, its choice made held out (postprocess.policy_scores), when both sides kept it
+    assert len(stored["policy"]) == len(stored["ids"]) and "submitted" in p
+    assert "submitted" not in paired(stored, {k: v for k, v in worse.items() if k != "policy"}, n_boot=200)
     with pytest.raises(UserError, match="different images"):
         paired(stored, {**stored, "ids": stored["ids"][::-1]})
     with pytest.raises(UserError, match="different groups of images"):

@@ -26,7 +26,7 @@ from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import apply, nested_scores, split_groups, untuned
+from tgs_salt.postprocess import apply, nested_scores, policy_scores, split_groups, untuned
 from tgs_salt.report import oof_with_truth, read_run
 
 
@@ -41,9 +41,20 @@ def bootstrap_interval(diff: np.ndarray, n_boot: int = 10000, seed: int = 0, lev
     return float(lo), float(hi)
 
 
-def per_image(run_dir: Path | list[Path], data_dir: Path | None):
+# the per-image measures a comparison pairs: at the default threshold, with nested post-processing, and
+# (when both sides kept it) with the post-processing the submission gets, chosen held out too
+MEASURES = (("default_threshold", "default"), ("nested", "nested"), ("submitted", "policy"))
+
+
+def measures(*scores: dict) -> list[tuple[str, str]]:
+    return [(name, key) for name, key in MEASURES if all(key in s for s in scores)]
+
+
+def per_image(run_dir: Path | list[Path], data_dir: Path | None, with_policy: bool = False):
     """ids, per-image scores at the default threshold and nested, and the nested method, of a run's
-    OOF predictions (or, given a list of runs, of their equal-weight average: an ensemble)."""
+    OOF predictions (or, given a list of runs, of their equal-weight average: an ensemble); with
+    ``with_policy``, also the per-image scores of the post-processing policy
+    (:func:`tgs_salt.postprocess.policy_scores`)."""
     runs = [Path(r) for r in run_dir] if isinstance(run_dir, (list, tuple)) else [Path(run_dir)]
     cfg, facts = read_run(runs[0])
     ids, probs, cls, data, rows = oof_with_truth(runs, np.full(len(runs), 1 / len(runs)),
@@ -52,6 +63,8 @@ def per_image(run_dir: Path | list[Path], data_dir: Path | None):
     at_default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)
     groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
     nested, _ = nested_scores(probs, truth, cfg, groups, cls)
+    if with_policy:
+        return ids, at_default, nested, how, policy_scores(probs, truth, cfg, groups, cls)[0]
     return ids, at_default, nested, how
 
 
@@ -65,7 +78,7 @@ def paired(a: dict, b: dict, n_boot: int = 10000) -> dict:
         raise UserError(f"the two runs were tuned on different groups of images ({a.get('nested_method')} / "
                         f"{b.get('nested_method')}); a paired comparison needs the same folds")
     out = {"n_images": len(a["ids"]), "bootstrap_resamples": n_boot}
-    for name, key in (("default_threshold", "default"), ("nested", "nested")):
+    for name, key in measures(a, b):
         x, y = np.asarray(a[key], dtype=float), np.asarray(b[key], dtype=float)
         d = y - x
         lo, hi = bootstrap_interval(d, n_boot)
@@ -99,7 +112,7 @@ def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
                                 "pair 1's base; pooling needs every run on the same folds")
     m, n = len(pairs), len(first["ids"])
     out = {"n_pairs": m, "n_images": n, "bootstrap_resamples": n_boot}
-    for name, key in (("default_threshold", "default"), ("nested", "nested")):
+    for name, key in measures(*(x for pair in pairs for x in pair)):
         d = np.stack([np.asarray(b[key], dtype=float) - np.asarray(a[key], dtype=float) for a, b in pairs])
         gains, per_image_gain = d.mean(axis=1), d.mean(axis=0)
         gain = float(gains.mean())
@@ -119,9 +132,9 @@ def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
 
 
 def run_scores(run_dir: Path, data_dir: Path | None = None) -> dict:
-    ids, at_default, nested, how = per_image(run_dir, data_dir)
+    ids, at_default, nested, how, policy = per_image(run_dir, data_dir, with_policy=True)
     return {"ids": [str(i) for i in ids], "default": np.round(at_default, 4).tolist(),
-            "nested": np.round(nested, 4).tolist(),
+            "nested": np.round(nested, 4).tolist(), "policy": np.round(policy, 4).tolist(),
             "nested_method": how}
 
 
@@ -146,9 +159,10 @@ def recorded_scores(record, where: str, hint: str) -> dict:
     if not isinstance(scores, dict) or not {"ids", "default", "nested", "nested_method"} <= scores.keys():
         raise UserError(f"{where}: holds no per-image scores (a result recorded before they were kept, or not "
                         f"a result file); {hint}")
-    if not len(scores["ids"]) == len(scores["default"]) == len(scores["nested"]):
+    if not len(scores["ids"]) == len(scores["default"]) == len(scores["nested"]) == len(
+            scores.get("policy", scores["ids"])):
         raise UserError(f"{where}: per_image has {len(scores['ids'])} ids but {len(scores['default'])} / "
-                        f"{len(scores['nested'])} scores")
+                        f"{len(scores['nested'])} / {len(scores.get('policy', scores['ids']))} scores")
     return scores
 
 
@@ -188,7 +202,7 @@ def _verdict(ci) -> str:
 
 def _print_pair(r: dict) -> None:
     print(f"{Path(r['other']).name} against {Path(r['base']).name}, paired on {r['n_images']} held-out images")
-    for name in ("default_threshold", "nested"):
+    for name in (n for n, _ in MEASURES if n in r):
         x = r[name]
         print(f"  {name:>17s}: {x['base']:.4f} -> {x['other']:.4f}  gain {x['gain']:+.4f} "
               f"(95% bootstrap {x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f}; {x['images_better']} images better, "
@@ -207,13 +221,16 @@ def compare_command(args) -> int:
             _print_pair(pair)
         p = r["pooled"]
         print(f"pooled over {p['n_pairs']} pairs (the runs and the {p['n_images']} images both sampled)")
-        for name in ("default_threshold", "nested"):
+        for name in (n for n, _ in MEASURES if n in p):
             x = p[name]
             print(f"  {name:>17s}: gain {x['gain']:+.4f} (pairs {', '.join(f'{g:+.4f}' for g in x['pair_gains'])}; "
                   f"95% interval {x['ci95'][0]:+.4f} .. {x['ci95'][1]:+.4f}, t with {x['df']:.1f} df; "
                   f"images alone {x['ci95_images_only'][0]:+.4f} .. {x['ci95_images_only'][1]:+.4f}): "
                   f"{_verdict(x['ci95'])}")
-    print(f"  nested: {r['nested_method']}")
+    note = f"  nested: {r['nested_method']}"
+    if "submitted" in r.get("pooled", r):
+        note += "; submitted: the post-processing the submission gets, its choice (tuned or not) made held out too"
+    print(note)
     if args.out:
         write_json_atomic(Path(args.out), r)
         print(args.out)

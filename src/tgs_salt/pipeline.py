@@ -349,6 +349,7 @@ def run_command(args) -> int:
     print(f"run: done in {int(took // 60)} min {int(took % 60)} s after set-up", file=sys.stderr)
     print(f"CV score: {cv['score']:.4f} (threshold {cv['default_threshold']:.2f}: "
           f"{cv['score_default_threshold']:.4f}; nested: {cv['score_nested']:.4f}; the submission's "
-          f"{cv['applied']} post-processing: {cv['score_applied']:.4f} held out)")
+          f"{cv['applied']} post-processing: {cv['score_applied']:.4f} held out, {cv['score_policy']:.4f} with "
+          "the choice made held out too)")
     print(submission)
     return 0

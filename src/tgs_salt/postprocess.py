@@ -6,6 +6,11 @@ fold) is scored with the post-processing tuned on the other groups only. ``decid
 tuned post-processing only when that figure beats the untuned default's (``postprocess.tune: auto``):
 on one fold of 601 images, tuned on 300 and scored on the other 300, tuning lost to the default in
 every one of 5 runs x 4 splits (bench/results/postprocess_tuning_amx.json).
+
+``auto`` picks the better of the two on the images it then reports, so the larger of the two
+scores overstates what it will do on new images. ``policy_scores`` scores the choice itself held
+out: each group gets the post-processing that ``decide`` would pick from the other groups alone
+(the choice made on a nested split of those, the tuning on all of them).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tgs_salt.metric import per_image_scores, threshold_sweep
+from tgs_salt.metric import per_image_scores, score_from_counts, threshold_counts
 
 CLS_GRID = np.round(np.linspace(0.0, 0.9, 10), 2)  # 0 = the classifier never empties a mask
 
@@ -60,27 +65,56 @@ def threshold_grid(cfg: dict) -> np.ndarray:
     return np.round(np.linspace(float(start), float(stop), int(count)), 6)
 
 
-def _search(probs, truth, th, areas, cls) -> tuple[PostProcess, float, np.ndarray]:
-    """The best post-processing, its score, and the threshold x min-area grid at its cls cut."""
-    best, best_score, best_grid = None, -1.0, None
-    for c in (CLS_GRID if cls is not None else [None]):
-        p = probs if not c else np.where((cls < c)[:, None, None], 0, probs)
-        grid = threshold_sweep(p, truth, th, areas)
-        a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
-        if grid[a, k] > best_score + 1e-12:
-            best = PostProcess(float(th[k]), int(areas[a]), None if c is None else float(c))
-            best_score, best_grid = float(grid[a, k]), grid
-    return best, best_score, best_grid
+class ScoreTable:
+    """Every image's score at every (minimum area, threshold) of the grid, and its score when
+    emptied: a search over any subset of the images, at any classifier cut, is then an average over
+    the table, not a pass over the pixels. Averaged as a sweep over the pixels averages (the same
+    values in the same order), so every choice, ties included, is the one such a sweep makes."""
+
+    def __init__(self, probs: np.ndarray, truth: np.ndarray, th: np.ndarray, areas: np.ndarray,
+                 cls: np.ndarray | None = None):
+        inter, pred_area, true_area = threshold_counts(probs, truth, th)
+        self.scores = np.empty((len(probs), len(areas), len(th)))
+        for i, a in enumerate(areas):
+            keep = pred_area >= a
+            self.scores[:, i] = score_from_counts(np.where(keep, inter, 0), np.where(keep, pred_area, 0),
+                                                  true_area[:, None])
+        self.empty = np.where(true_area == 0, 1.0, 0.0)
+        self.th, self.areas, self.cls = th, areas, cls
+
+    def search(self, sel: np.ndarray | None = None) -> tuple[PostProcess, float, np.ndarray]:
+        """The best post-processing on the images ``sel`` selects (default: all), its score, and the
+        threshold x min-area grid of mean scores at its classifier cut. Near-ties (1e-12) go to the
+        first classifier cut, exact ties to the first (min area, threshold) in grid order."""
+        scores = self.scores if sel is None else self.scores[sel]
+        empty = self.empty if sel is None else self.empty[sel]
+        best, best_score, best_grid = None, -1.0, None
+        for c in (CLS_GRID if self.cls is not None else [None]):
+            if c:  # the classifier empties the images below the cut (0: none)
+                drop = (self.cls if sel is None else self.cls[sel]) < c
+                grid = np.where(drop[:, None, None], empty[:, None, None], scores).mean(axis=0)
+            else:
+                grid = scores.mean(axis=0)
+            a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
+            if grid[a, k] > best_score + 1e-12:
+                best = PostProcess(float(self.th[k]), int(self.areas[a]), None if c is None else float(c))
+                best_score, best_grid = float(grid[a, k]), grid
+        return best, best_score, best_grid
 
 
-def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None = None) -> tuple[PostProcess, dict]:
+def _table(probs, truth, cfg, cls) -> ScoreTable:
+    return ScoreTable(probs, truth, threshold_grid(cfg), np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64),
+                      cls)
+
+
+def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None = None,
+         table: ScoreTable | None = None) -> tuple[PostProcess, dict]:
     """Best (threshold, min_area[, cls_threshold]) on OOF; returns it with the sweep for reporting
     (the threshold x min-area grid at the chosen cls_threshold)."""
-    th = threshold_grid(cfg)
-    areas = np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64)
-    best, score, grid = _search(probs, truth, th, areas, cls)
+    table = table or _table(probs, truth, cfg, cls)
+    best, score, grid = table.search()
     default = untuned(cfg, cls is not None)
-    return best, {"thresholds": th, "min_areas": areas, "grid": grid,
+    return best, {"thresholds": table.th, "min_areas": table.areas, "grid": grid,
                   "score_default": float(per_image_scores(apply(probs, default, cls=cls), truth).mean()),
                   "score_tuned": score, "default": default}
 
@@ -94,18 +128,52 @@ def split_groups(folds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 def nested_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
-                  cls: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+                  cls: np.ndarray | None = None, table: ScoreTable | None = None) -> tuple[np.ndarray, list[dict]]:
     """Per-image scores where each group's images use post-processing tuned on the other groups."""
-    th = threshold_grid(cfg)
-    areas = np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64)
+    table = table or _table(probs, truth, cfg, cls)
     scores = np.empty(len(probs))
     chosen = []
     for g in np.unique(groups):
         out = groups == g
-        c_in = None if cls is None else cls[~out]
-        pp, _, _ = _search(probs[~out], truth[~out], th, areas, c_in)
+        pp, _, _ = table.search(~out)
         scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
         chosen.append({"group": int(g), **pp.to_dict()})
+    return scores, chosen
+
+
+def policy_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
+                  cls: np.ndarray | None = None, table: ScoreTable | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Per-image scores of ``postprocess.tune``'s policy, each group scored with what the policy
+    picks from the other groups only. For ``auto``, the choice between the tuned and the untuned
+    post-processing rests on the other groups' own nested score (split into their groups, or into
+    two halves when they are one group); the tuned one is then tuned on all of them. ``true`` gives
+    :func:`nested_scores`' figure, ``false`` the untuned one's."""
+    mode = cfg["postprocess"]["tune"]
+    default = untuned(cfg, cls is not None)
+    table = table or _table(probs, truth, cfg, cls)
+    at_default = per_image_scores(apply(probs, default, cls=cls), truth)
+    scores = np.empty(len(probs))
+    chosen = []
+    for g in np.unique(groups):
+        out = groups == g
+        use = mode is True
+        if mode == "auto":  # the others' own nested score against their untuned one
+            inner = groups[~out]
+            if len(np.unique(inner)) < 2:
+                inner = split_groups(inner)[0]
+            others = np.flatnonzero(~out)
+            nested_in = np.empty(len(others))
+            for h in np.unique(inner):
+                fit = ~out
+                fit[others[inner == h]] = False
+                pp, _, _ = table.search(fit)
+                rows = others[inner == h]
+                nested_in[inner == h] = per_image_scores(
+                    apply(probs[rows], pp, cls=None if cls is None else cls[rows]), truth[rows])
+            use = nested_in.mean() > at_default[~out].mean()
+        pp = table.search(~out)[0] if use else default
+        scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
+        chosen.append({"group": int(g), "applied": "tuned" if use else "untuned", **pp.to_dict()})
     return scores, chosen
 
 
@@ -113,9 +181,12 @@ def decide(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
            cls: np.ndarray | None = None) -> tuple[PostProcess, dict]:
     """The post-processing to apply, with what the choice rests on. ``postprocess.tune``: true
     applies the tuned one, false the untuned default, auto the tuned one only when its nested score
-    (each group tuned on the others) is above the default's on the same images."""
-    best, sweep = tune(probs, truth, cfg, cls)
-    nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls)
+    (each group tuned on the others) is above the default's on the same images. ``policy`` holds
+    the per-image scores of the choice made held out (:func:`policy_scores`): what to expect of it."""
+    table = _table(probs, truth, cfg, cls)
+    best, sweep = tune(probs, truth, cfg, cls, table)
+    nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls, table)
+    policy, policy_pp = policy_scores(probs, truth, cfg, groups, cls, table)
     mode = cfg["postprocess"]["tune"]
     score_nested, score_default = float(nested.mean()), float(sweep["score_default"])
     use = mode is True or (mode == "auto" and score_nested > score_default)
@@ -124,4 +195,5 @@ def decide(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
     return (best if use else sweep["default"]), {
         "tuned": best, "sweep": sweep, "nested": nested, "nested_postprocess": nested_pp,
         "applied": "tuned" if use else "untuned", "why": why,
-        "score_applied": score_nested if use else score_default}
+        "score_applied": score_nested if use else score_default,
+        "policy": policy, "policy_postprocess": policy_pp, "score_policy": float(policy.mean())}

@@ -132,12 +132,14 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     write_json_atomic(out_dir / "submission.json", {
         "submission": str(sub_path), "rows": v.rows, "non_empty": v.non_empty, "postprocess": pp.to_dict(),
         "postprocess_applied": how["applied"], "postprocess_why": how["why"],
-        "cv_score_held_out": round(how["score_applied"], 6), "cv_score": round(sweep["score_tuned"], 6),
+        "cv_score_held_out": round(how["score_applied"], 6), "cv_score_policy": round(how["score_policy"], 6),
+        "cv_score": round(sweep["score_tuned"], 6),
         "runs": [str(r) for r in run_dirs],
         "weights": weights.round(6).tolist(), "models": n_models, "seconds": round(seconds, 1),
         "images_per_s": round(len(test) / max(seconds, 1e-9), 1), "device": str(device)})
     print(f"{v.rows} rows, {v.non_empty} non-empty masks; {how['applied']} post-processing: threshold "
-          f"{pp.threshold:.3f}, min area {pp.min_area}; OOF CV held out {how['score_applied']:.4f}")
+          f"{pp.threshold:.3f}, min area {pp.min_area}; OOF CV held out {how['score_applied']:.4f} "
+          f"({how['score_policy']:.4f} with the tuned/untuned choice made held out too)")
     print(sub_path)
     return 0
 
