@@ -116,10 +116,13 @@ def expand(source) -> list[dict]:
 def with_shared_spread(levers: list[dict]) -> None:
     """Add ``ci95_shared_spread`` to each lever's measures: the interval with the variance of a pair's
     gain between runs pooled over every group (degrees of freedom: the sum of the groups' m - 1)."""
-    for key in ("default_threshold", "nested"):
-        dfs = [len(r[key]["pair_gains"]) - 1 for r in levers]
-        var = sum(np.var(r[key]["pair_gains"], ddof=1) * d for r, d in zip(levers, dfs)) / sum(dfs)
-        for r in levers:
+    for key in ("default_threshold", "nested", "submitted"):
+        having = [r for r in levers if key in r]
+        if not having:
+            continue
+        dfs = [len(r[key]["pair_gains"]) - 1 for r in having]
+        var = sum(np.var(r[key]["pair_gains"], ddof=1) * d for r, d in zip(having, dfs)) / sum(dfs)
+        for r in having:
             x, m, n = r[key], r["n_pairs"], r["n_images"]
             v_runs, v_images = var / m, x["se_images"] ** 2
             se = (v_runs + v_images) ** 0.5
@@ -166,6 +169,16 @@ def main() -> None:
             cells += [", ".join(f"{g:+.4f}" for g in x["pair_gains"]), f"**{x['gain']:+.4f}**", fmt(x, "ci95"),
                       fmt(x, "ci95_shared_spread")]
         print(f"| {r['lever']} | {r['n_pairs']} | {' | '.join(cells)} | {r['cpu_budget']} |")
+    sub = [r for r in out if "submitted" in r]
+    if sub:
+        print(f"\nas submitted, the choice between tuned and untuned post-processing made held out too (sd between "
+              f"runs {sub[0]['submitted']['shared_run_sd']:.4f}, pooled over these {len(sub)} groups)\n")
+        print("| lever | pairs | per pair | pooled | 95%: its own spread | 95%: shared spread |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in sub:
+            x = r["submitted"]
+            print(f"| {r['lever']} | {r['n_pairs']} | {', '.join(f'{g:+.4f}' for g in x['pair_gains'])} | "
+                  f"**{x['gain']:+.4f}** | {fmt(x, 'ci95')} | {fmt(x, 'ci95_shared_spread')} |")
 
 if __name__ == "__main__":
     main()
