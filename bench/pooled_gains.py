@@ -25,9 +25,8 @@ import json
 
 import numpy as np
 from common import RESULTS
-from scipy.stats import t as student_t
 
-from tgs_salt.compare import pooled, recorded_scores
+from tgs_salt.compare import pooled, recorded_scores, t_interval
 from tgs_salt.io_utils import write_json_atomic
 
 AMX = "cpu_budget_ablation_avx2_epochs_amx.json"      # AVX2-hour emulation, fixed 35 / 47 epochs
@@ -123,13 +122,10 @@ def with_shared_spread(levers: list[dict]) -> None:
         dfs = [len(r[key]["pair_gains"]) - 1 for r in having]
         var = sum(np.var(r[key]["pair_gains"], ddof=1) * d for r, d in zip(having, dfs)) / sum(dfs)
         for r in having:
-            x, m, n = r[key], r["n_pairs"], r["n_images"]
-            v_runs, v_images = var / m, x["se_images"] ** 2
-            se = (v_runs + v_images) ** 0.5
-            df = se ** 4 / (v_runs ** 2 / sum(dfs) + v_images ** 2 / (n - 1))
-            half = float(student_t.ppf(0.975, df)) * se
+            x = r[key]
+            lo, hi, _ = t_interval(x["gain"], var / r["n_pairs"], sum(dfs), x["se_images"] ** 2, r["n_images"] - 1)
             x["shared_run_sd"] = round(float(var) ** 0.5, 6)
-            x["ci95_shared_spread"] = [round(x["gain"] - half, 6), round(x["gain"] + half, 6)]
+            x["ci95_shared_spread"] = [round(lo, 6), round(hi, 6)]
 
 
 def fmt(x: dict, key: str) -> str:

@@ -26,7 +26,7 @@ from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import apply, nested_scores, policy_scores, split_groups, untuned
+from tgs_salt.postprocess import apply, nested_scores, policy_scores, score_table, split_groups, untuned
 from tgs_salt.report import oof_with_truth, read_run
 
 
@@ -62,9 +62,10 @@ def per_image(run_dir: Path | list[Path], data_dir: Path | None, with_policy: bo
     truth = data.masks[rows]
     at_default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)
     groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
-    nested, _ = nested_scores(probs, truth, cfg, groups, cls)
+    table = score_table(probs, truth, cfg, cls)
+    nested, _ = nested_scores(probs, truth, cfg, groups, cls, table)
     if with_policy:
-        return ids, at_default, nested, how, policy_scores(probs, truth, cfg, groups, cls)[0]
+        return ids, at_default, nested, how, policy_scores(probs, truth, cfg, groups, cls, table)[0]
     return ids, at_default, nested, how
 
 
@@ -88,6 +89,20 @@ def paired(a: dict, b: dict, n_boot: int = 10000) -> dict:
     return out
 
 
+def t_interval(gain: float, v_runs: float, df_runs: int, v_images: float, df_images: int,
+               level: float = 0.95) -> tuple[float, float, float]:
+    """``gain`` +- Student's t times the standard error sqrt(v_runs + v_images), with Welch-Satterthwaite
+    degrees of freedom from the two variances' own; returns (low, high, degrees of freedom)."""
+    from scipy.stats import t as student_t
+
+    se = (v_runs + v_images) ** 0.5
+    if se == 0:
+        return gain, gain, float("inf")
+    df = se ** 4 / (v_runs ** 2 / df_runs + v_images ** 2 / df_images)
+    half = float(student_t.ppf((1 + level) / 2, df)) * se
+    return gain - half, gain + half, df
+
+
 def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
     """Gain of OTHER over BASE pooled over several pairs of runs (a pair per seed, say), each pair as
     :func:`paired` takes it; every run must hold out the same images, tuned on the same groups.
@@ -99,8 +114,6 @@ def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
     interaction twice, so the interval errs on the wide side; with two or three pairs it is wide
     because the run-to-run spread is poorly known, which is what it should say. The bootstrap interval
     over images alone (the runs taken as fixed) is reported beside it."""
-    from scipy.stats import t as student_t
-
     if len(pairs) < 2:
         raise UserError("pooling needs at least two pairs of runs")
     first = pairs[0][0]
@@ -117,16 +130,11 @@ def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
         gains, per_image_gain = d.mean(axis=1), d.mean(axis=0)
         gain = float(gains.mean())
         v_runs, v_images = float(gains.var(ddof=1)) / m, float(per_image_gain.var(ddof=1)) / n
-        se = (v_runs + v_images) ** 0.5
-        if se > 0:
-            df = se ** 4 / (v_runs ** 2 / (m - 1) + v_images ** 2 / (n - 1))
-            half = float(student_t.ppf(0.975, df)) * se
-        else:
-            df, half = float("inf"), 0.0
+        t_lo, t_hi, df = t_interval(gain, v_runs, m - 1, v_images, n - 1)
         lo, hi = bootstrap_interval(per_image_gain, n_boot)
         out[name] = {"gain": round(gain, 6), "pair_gains": [round(float(g), 6) for g in gains],
                      "se_runs": round(v_runs ** 0.5, 6), "se_images": round(v_images ** 0.5, 6),
-                     "df": round(df, 2), "ci95": [round(gain - half, 6), round(gain + half, 6)],
+                     "df": round(df, 2), "ci95": [round(t_lo, 6), round(t_hi, 6)],
                      "ci95_images_only": [round(lo, 6), round(hi, 6)]}
     return out
 

@@ -102,7 +102,8 @@ class ScoreTable:
         return best, best_score, best_grid
 
 
-def _table(probs, truth, cfg, cls) -> ScoreTable:
+def score_table(probs, truth, cfg, cls=None) -> ScoreTable:
+    """The :class:`ScoreTable` of the config's threshold grid and minimum areas."""
     return ScoreTable(probs, truth, threshold_grid(cfg), np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64),
                       cls)
 
@@ -111,7 +112,7 @@ def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None
          table: ScoreTable | None = None) -> tuple[PostProcess, dict]:
     """Best (threshold, min_area[, cls_threshold]) on OOF; returns it with the sweep for reporting
     (the threshold x min-area grid at the chosen cls_threshold)."""
-    table = table or _table(probs, truth, cfg, cls)
+    table = table or score_table(probs, truth, cfg, cls)
     best, score, grid = table.search()
     default = untuned(cfg, cls is not None)
     return best, {"thresholds": table.th, "min_areas": table.areas, "grid": grid,
@@ -130,7 +131,7 @@ def split_groups(folds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 def nested_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
                   cls: np.ndarray | None = None, table: ScoreTable | None = None) -> tuple[np.ndarray, list[dict]]:
     """Per-image scores where each group's images use post-processing tuned on the other groups."""
-    table = table or _table(probs, truth, cfg, cls)
+    table = table or score_table(probs, truth, cfg, cls)
     scores = np.empty(len(probs))
     chosen = []
     for g in np.unique(groups):
@@ -150,7 +151,7 @@ def policy_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.nd
     :func:`nested_scores`' figure, ``false`` the untuned one's."""
     mode = cfg["postprocess"]["tune"]
     default = untuned(cfg, cls is not None)
-    table = table or _table(probs, truth, cfg, cls)
+    table = table or score_table(probs, truth, cfg, cls)
     at_default = per_image_scores(apply(probs, default, cls=cls), truth)
     scores = np.empty(len(probs))
     chosen = []
@@ -183,7 +184,7 @@ def decide(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
     applies the tuned one, false the untuned default, auto the tuned one only when its nested score
     (each group tuned on the others) is above the default's on the same images. ``policy`` holds
     the per-image scores of the choice made held out (:func:`policy_scores`): what to expect of it."""
-    table = _table(probs, truth, cfg, cls)
+    table = score_table(probs, truth, cfg, cls)
     best, sweep = tune(probs, truth, cfg, cls, table)
     nested, nested_pp = nested_scores(probs, truth, cfg, groups, cls, table)
     policy, policy_pp = policy_scores(probs, truth, cfg, groups, cls, table)
