@@ -28,7 +28,7 @@ from tgs_salt.data.folds import folds_for
 from tgs_salt.inference import FoldModel, predict_arrays
 from tgs_salt.metric import per_image_scores
 from tgs_salt.postprocess import apply, nested_scores, split_groups, untuned
-from tgs_salt.report import expected_folds, read_run
+from tgs_salt.report import expected_folds, read_run, run_fold_file
 from tgs_salt.rundir import RunDir
 
 
@@ -66,7 +66,7 @@ def main():
         cfg, facts = read_run(run)
         rows, views = held_out_probs(run, cfg, data, shifts, a.batch)
         truth = data.masks[rows]
-        groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
+        groups, how = split_groups(folds_for(data.ids, run_fold_file(facts))[rows])
         scores = {}
         for s, (probs, cls) in views.items():
             default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)

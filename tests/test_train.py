@@ -650,6 +650,30 @@ def test_bootstrap_interval_covers_the_mean_with_the_right_width():
 
 
 
+def test_run_fold_file_found_in_this_checkout_when_its_path_is_gone(tmp_path, monkeypatch):
+    """A run directory moved from another checkout scores against the same fold file here."""
+    from tgs_salt.errors import UserError
+    from tgs_salt.io_utils import sha1_of
+    from tgs_salt.report import run_fold_file
+
+    old = tmp_path / "elsewhere" / "folds" / "d-k5-seed42.csv"
+    old.parent.mkdir(parents=True)
+    old.write_text("id,fold\na,0\nb,1\n")
+    facts = {"fold_file": str(old), "folds_sha1": sha1_of(old)}
+    assert run_fold_file(facts) == old
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("TGS_FOLDS_DIR", str(here))
+    (here / old.name).write_bytes(old.read_bytes())
+    old.unlink()
+    assert run_fold_file(facts) == here / old.name
+    (here / old.name).write_text("id,fold\na,1\nb,0\n")
+    with pytest.raises(UserError, match="differs from it"):
+        run_fold_file(facts)
+    (here / old.name).unlink()
+    with pytest.raises(UserError, match="does not exist; put that file at"):
+        run_fold_file(facts)
+
 def _pair_scores(rng, ids, base, run_shift, image_effect, noise):
     """A (base, other) pair of per-image score dicts: other = base + image effect + a run-level shift."""
     other = base + image_effect + run_shift + rng.normal(0, noise, len(ids))

@@ -27,7 +27,7 @@ from tgs_salt.errors import UserError
 from tgs_salt.io_utils import write_json_atomic
 from tgs_salt.metric import per_image_scores
 from tgs_salt.postprocess import apply, nested_scores, policy_scores, score_table, split_groups, untuned
-from tgs_salt.report import oof_with_truth, read_run
+from tgs_salt.report import oof_with_truth, read_run, run_fold_file
 
 
 def bootstrap_interval(diff: np.ndarray, n_boot: int = 10000, seed: int = 0, level: float = 0.95):
@@ -61,7 +61,7 @@ def per_image(run_dir: Path | list[Path], data_dir: Path | None, with_policy: bo
                                                  data_dir or Path(facts["data_dir"]))
     truth = data.masks[rows]
     at_default = per_image_scores(apply(probs, untuned(cfg, cls is not None), cls=cls), truth)
-    groups, how = split_groups(folds_for(data.ids, Path(facts["fold_file"]))[rows])
+    groups, how = split_groups(folds_for(data.ids, run_fold_file(facts))[rows])
     table = score_table(probs, truth, cfg, cls)
     nested, _ = nested_scores(probs, truth, cfg, groups, cls, table)
     if with_policy:

@@ -18,7 +18,7 @@ from tgs_salt.hardware import resolve_device
 from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, decide, split_groups
-from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run
+from tgs_salt.report import expected_folds, oof_with_truth, output_dir, parse_weights, read_run, run_fold_file
 from tgs_salt.rundir import RunDir
 from tgs_salt.submission import validate_submission, write_submission
 
@@ -93,7 +93,7 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
 
     # post-processing tuned on the same ensemble's out-of-fold predictions
     _, oof, oof_cls, train, rows = oof_with_truth(run_dirs, weights, data_dir)
-    groups, _ = split_groups(folds_for(train.ids, Path(facts["fold_file"]))[rows])
+    groups, _ = split_groups(folds_for(train.ids, run_fold_file(facts))[rows])
     pp, how = decide(oof, train.masks[rows], cfg, groups, oof_cls)
     sweep = how["sweep"]
     del oof, train

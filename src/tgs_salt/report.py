@@ -15,7 +15,7 @@ from tgs_salt import config as C
 from tgs_salt import paths
 from tgs_salt.data.folds import coverage_class, folds_for
 from tgs_salt.errors import UserError
-from tgs_salt.io_utils import atomic_path, write_json_atomic
+from tgs_salt.io_utils import atomic_path, sha1_of, write_json_atomic
 from tgs_salt.metric import per_image_scores
 from tgs_salt.postprocess import apply, decide, split_groups
 from tgs_salt.rundir import RunDir
@@ -31,6 +31,21 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
         raise UserError(f"{run_dir} is not a training run directory (no config.yaml/run.json); "
                         "train first with `python -m tgs_salt train --config ...`")
     return C.for_reading(yaml.safe_load(cfg_path.read_text())), json.loads(facts_path.read_text())
+
+
+def run_fold_file(facts: dict) -> Path:
+    """The fold file a run was trained on: the path it recorded, or, when that is gone (a run directory
+    moved from another checkout or machine), the file of the same name in this checkout's folds/ if it
+    is the same file (its SHA-1 recorded at training)."""
+    recorded = Path(facts["fold_file"])
+    if recorded.exists():
+        return recorded
+    here = paths.folds_dir() / recorded.name
+    if here.exists() and sha1_of(here) == facts.get("folds_sha1"):
+        return here
+    found = f"; {here} differs from it" if here.exists() else ""
+    raise UserError(f"fold file {recorded}, on which the run was trained, does not exist{found}; put that file at "
+                    f"{here} (or at its old path) so its folds can be scored")
 
 
 def expected_folds(cfg: dict) -> list[int]:
@@ -113,7 +128,7 @@ def cv_report(run_dirs: list[Path], data_dir: Path | None = None, weights: str |
     data_dir = Path(data_dir) if data_dir else Path(facts["data_dir"])
     ids, probs, cls, data, rows = oof_with_truth(run_dirs, w, data_dir)
     truth, images = data.masks[rows], data.images[rows]
-    fold_file = Path(facts["fold_file"])
+    fold_file = run_fold_file(facts)
     folds = folds_for(data.ids, fold_file)[rows]
     groups, nested_how = split_groups(folds)
     applied, how = decide(probs, truth, cfg, groups, cls)
