@@ -174,32 +174,26 @@ def recorded_scores(record, where: str, hint: str) -> dict:
     return scores
 
 
-def compare(base: Path, other: Path, data_dir: Path | None = None, n_boot: int = 10000) -> dict:
-    a, b = stored_or_run_scores(base, data_dir), stored_or_run_scores(other, data_dir)
+def _named_pair(base: Path, other: Path, scores: dict, n_boot: int) -> dict:
     try:
-        r = paired(a, b, n_boot)
+        r = paired(scores[base], scores[other], n_boot)
     except UserError as e:
         raise UserError(f"{base} and {other}: {e}") from None
-    return {"base": str(base), "other": str(other), "nested_method": a["nested_method"], **r}
+    return {"base": str(base), "other": str(other), "nested_method": scores[base]["nested_method"], **r}
 
 
 def compare_pairs(paths: list[Path], data_dir: Path | None = None, n_boot: int = 10000) -> dict:
-    """:func:`compare` for each pair of ``paths`` (BASE1, OTHER1, BASE2, OTHER2, ...) and, given more
-    than one pair, :func:`pooled` over them."""
+    """The paired comparison of each pair of ``paths`` (BASE1, OTHER1, BASE2, OTHER2, ...): given one
+    pair, its result; given more, every pair's and :func:`pooled` over them."""
     if len(paths) % 2:
         raise UserError(f"compare takes runs in pairs (BASE OTHER [BASE OTHER ...]); got {len(paths)}: "
                         f"{' '.join(str(p) for p in paths)}")
-    pairs = [(Path(a), Path(b)) for a, b in zip(paths[::2], paths[1::2])]
-    if len(pairs) == 1:
-        return compare(*pairs[0], data_dir, n_boot)
+    paths = [Path(p) for p in paths]
+    pairs = list(zip(paths[::2], paths[1::2]))
     scores = {p: stored_or_run_scores(p, data_dir) for p in dict.fromkeys(paths)}
-    results = []
-    for a, b in pairs:
-        try:
-            r = paired(scores[a], scores[b], n_boot)
-        except UserError as e:
-            raise UserError(f"{a} and {b}: {e}") from None
-        results.append({"base": str(a), "other": str(b), **r})
+    results = [_named_pair(a, b, scores, n_boot) for a, b in pairs]
+    if len(results) == 1:
+        return results[0]
     return {"nested_method": scores[pairs[0][0]]["nested_method"],
             "pooled": pooled([(scores[a], scores[b]) for a, b in pairs], n_boot), "pairs": results}
 

@@ -128,18 +128,30 @@ def split_groups(folds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     return halves, "tuned on the other half of the held-out images (2-way split)"
 
 
+def _scored(pp: PostProcess, probs, truth, cls, rows) -> np.ndarray:
+    """Per-image scores of the images ``rows`` (indices or a mask) under ``pp``."""
+    return per_image_scores(apply(probs[rows], pp, cls=None if cls is None else cls[rows]), truth[rows])
+
+
+def _held_out(table: ScoreTable, probs, truth, cls, rows: np.ndarray, groups: np.ndarray):
+    """Per-image scores of the images ``rows``, each group of them (``groups``, aligned with ``rows``)
+    scored with the post-processing tuned on the other groups' images; and the choices."""
+    scores = np.empty(len(rows))
+    chosen = []
+    for g in np.unique(groups):
+        fit = np.zeros(len(probs), bool)
+        fit[rows[groups != g]] = True
+        pp, _, _ = table.search(fit)
+        scores[groups == g] = _scored(pp, probs, truth, cls, rows[groups == g])
+        chosen.append({"group": int(g), **pp.to_dict()})
+    return scores, chosen
+
+
 def nested_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
                   cls: np.ndarray | None = None, table: ScoreTable | None = None) -> tuple[np.ndarray, list[dict]]:
     """Per-image scores where each group's images use post-processing tuned on the other groups."""
     table = table or score_table(probs, truth, cfg, cls)
-    scores = np.empty(len(probs))
-    chosen = []
-    for g in np.unique(groups):
-        out = groups == g
-        pp, _, _ = table.search(~out)
-        scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
-        chosen.append({"group": int(g), **pp.to_dict()})
-    return scores, chosen
+    return _held_out(table, probs, truth, cls, np.arange(len(probs)), groups)
 
 
 def policy_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.ndarray,
@@ -152,7 +164,7 @@ def policy_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.nd
     mode = cfg["postprocess"]["tune"]
     default = untuned(cfg, cls is not None)
     table = table or score_table(probs, truth, cfg, cls)
-    at_default = per_image_scores(apply(probs, default, cls=cls), truth)
+    at_default = _scored(default, probs, truth, cls, slice(None))
     scores = np.empty(len(probs))
     chosen = []
     for g in np.unique(groups):
@@ -162,18 +174,10 @@ def policy_scores(probs: np.ndarray, truth: np.ndarray, cfg: dict, groups: np.nd
             inner = groups[~out]
             if len(np.unique(inner)) < 2:
                 inner = split_groups(inner)[0]
-            others = np.flatnonzero(~out)
-            nested_in = np.empty(len(others))
-            for h in np.unique(inner):
-                fit = ~out
-                fit[others[inner == h]] = False
-                pp, _, _ = table.search(fit)
-                rows = others[inner == h]
-                nested_in[inner == h] = per_image_scores(
-                    apply(probs[rows], pp, cls=None if cls is None else cls[rows]), truth[rows])
+            nested_in, _ = _held_out(table, probs, truth, cls, np.flatnonzero(~out), inner)
             use = nested_in.mean() > at_default[~out].mean()
         pp = table.search(~out)[0] if use else default
-        scores[out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]), truth[out])
+        scores[out] = _scored(pp, probs, truth, cls, out)
         chosen.append({"group": int(g), "applied": "tuned" if use else "untuned", **pp.to_dict()})
     return scores, chosen
 
