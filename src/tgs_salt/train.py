@@ -863,8 +863,10 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
 def _calibrator(run_dir: Path, folds_after: int):
     """The callback that keeps a time plan made by this job on time, for a fold followed by
     ``folds_after`` more: the job's first epoch replaces the probe's estimate; after each later
-    epoch the plan is re-made from the mean of the last three epochs when it drifted off by more
-    than 0.6 of an epoch (the host slowed down or sped up)."""
+    epoch the plan is re-made when it drifted off by more than 0.6 of an epoch (the host slowed down
+    or sped up), at the median time of the last three epochs (the plan's own estimate standing in for
+    the epochs not yet run since calibration): one epoch slowed by something passing on the host
+    changes the plan only by the time it lost; two in three move the time per epoch."""
     recent: list[float] = []
 
     def calibrate(done: int, epoch_s: float, phase: int = B.FULL) -> list[int] | None:
@@ -878,9 +880,10 @@ def _calibrator(run_dir: Path, folds_after: int):
             new, why = B.calibrate(plan, epoch_s, time.time()), "calibrated on the first epoch"
         else:  # in full-resolution epochs: progressive resizing's first epochs cost less
             recent.append(epoch_s / weight)
-            mean = float(np.mean(recent[-3:]))
-            new = B.replan(plan, done, mean, time.time(), folds_after, reached=phase)
-            why = f"re-planned after epoch {done} ({mean:.0f} s per epoch lately)"
+            window = [float(plan["epoch_s"])] * max(0, 3 - len(recent)) + recent[-3:]
+            per_epoch = float(np.median(window))
+            new = B.replan(plan, done, per_epoch, time.time(), folds_after, reached=phase)
+            why = f"re-planned after epoch {done} ({per_epoch:.0f} s per epoch, the median of the last 3)"
         if new is None:
             return None
         B.write_plan(run_dir, new)
