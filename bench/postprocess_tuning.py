@@ -62,7 +62,12 @@ def best_of(grids: np.ndarray, th: np.ndarray, areas: np.ndarray, spec, has_cls:
     g = grids[np.ix_(ok_c, ok_a, ok_t)]
     if box is not None:
         g = uniform_filter(g, size=[min(b, n) for b, n in zip(box, g.shape)], mode="nearest")
-    c, a, k = np.unravel_index(int(np.argmax(g)), g.shape)
+    best, best_score = None, -np.inf
+    for c in range(len(g)):  # near-ties (1e-12) go to the first classifier cut, as in ScoreTable.search
+        a, k = np.unravel_index(int(np.argmax(g[c])), g[c].shape)
+        if g[c, a, k] > best_score + 1e-12:
+            best, best_score = (c, a, k), g[c, a, k]
+    c, a, k = best
     cut = cut_values[ok_c][c]
     return PostProcess(float(th[ok_t][k]), int(areas[ok_a][a]), float(cut) if has_cls else None)
 
@@ -74,7 +79,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--splits", type=int, default=4)
     a = p.parse_args()
-    rows = []
+    rows, gains = [], []  # gains: per run, each strategy's per-image gain over the untuned default
     for run in a.runs:
         cfg, _ = read_run(Path(run))
         _, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
@@ -102,24 +107,22 @@ def main():
         s_default = float(at_default.mean())
         rows.append({"run": Path(run).name, "n_images": len(probs), "untuned": round(s_default, 6),
                      "nested_by_split": per,
-                     "gain_vs_untuned": {k: round(float(np.mean(v)) - s_default, 6) for k, v in per.items()},
-                     "_per_image": {k: v - at_default for k, v in per_image.items()}})
+                     "gain_vs_untuned": {k: round(float(np.mean(v)) - s_default, 6) for k, v in per.items()}})
+        gains.append({k: v - at_default for k, v in per_image.items()})
         print(Path(run).name, "untuned", round(s_default, 4),
               {k[:28]: round(float(np.mean(v)) - s_default, 4) for k, v in per.items()}, flush=True)
     summary = {k: round(float(np.mean([r["gain_vs_untuned"][k] for r in rows])), 6) for k in STRATEGIES}
     full = next(iter(STRATEGIES))
     against_full = {}
     for k in list(STRATEGIES)[1:]:  # each strategy against the full tuning, the runs as a sample (t_interval)
-        d = np.stack([r["_per_image"][k] - r["_per_image"][full] for r in rows])
-        gains, per_img = d.mean(axis=1), d.mean(axis=0)
+        d = np.stack([g[k] - g[full] for g in gains])
+        per_run, per_img = d.mean(axis=1), d.mean(axis=0)
         m, n = d.shape
-        lo, hi, _ = t_interval(float(gains.mean()), float(gains.var(ddof=1)) / m if m > 1 else 0.0, max(m - 1, 1),
-                               float(per_img.var(ddof=1)) / n, n - 1)
-        against_full[k] = {"gain": round(float(gains.mean()), 6), "ci95": [round(lo, 6), round(hi, 6)],
-                           "per_run": [round(float(g), 6) for g in gains]}
-        print(f"{k}: {gains.mean():+.4f} ({lo:+.4f} … {hi:+.4f}) against the full tuning", flush=True)
-    for r in rows:
-        r.pop("_per_image")
+        lo, hi, _ = t_interval(float(per_run.mean()), float(per_run.var(ddof=1)) / m if m > 1 else 0.0,
+                               max(m - 1, 1), float(per_img.var(ddof=1)) / n, n - 1)
+        against_full[k] = {"gain": round(float(per_run.mean()), 6), "ci95": [round(lo, 6), round(hi, 6)],
+                           "per_run": [round(float(g), 6) for g in per_run]}
+        print(f"{k}: {per_run.mean():+.4f} ({lo:+.4f} … {hi:+.4f}) against the full tuning", flush=True)
     save(a.name, {"splits": a.splits, "how": "each half of the held-out images scored with the post-processing "
                   "tuned on the other half, against the untuned default (0.5, no min area, classifier cut 0.5)",
                   "mean_gain_vs_untuned": summary,
