@@ -253,3 +253,25 @@ def test_run_refuses_submit_without_message_in_process(tmp_path, capsys):
 
     assert main(["run", "--submit", "--data-dir", str(tmp_path)]) == 2
     assert "--submit needs a message" in capsys.readouterr().err
+
+
+def test_stage_logs_move_to_the_run_directory_and_leave_no_empty_folder(tmp_path):
+    """Logs written before the run directory is known (in runs/logs) move into it; the provisional
+    folder goes with them unless something else is in it (it used to stay behind, empty, whatever
+    --run-dir was)."""
+    import logging
+
+    from tgs_salt.pipeline import Stages
+
+    provisional = tmp_path / "runs" / "logs"
+    stages = Stages(provisional)
+    with stages("config"):
+        logging.getLogger("tgs_salt.test").warning("written before the run directory was known")
+    stages.move_to(tmp_path / "elsewhere" / "logs")
+    assert "written before" in (tmp_path / "elsewhere" / "logs" / "config.log").read_text()
+    assert not provisional.exists()
+    kept = tmp_path / "kept"
+    stages = Stages(kept)
+    (kept / "notes.txt").write_text("not a log")
+    stages.move_to(tmp_path / "run2" / "logs")
+    assert (kept / "notes.txt").exists()

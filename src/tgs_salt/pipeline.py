@@ -82,13 +82,19 @@ class Stages:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     def move_to(self, log_dir: Path) -> None:
+        """Move the logs written so far to ``log_dir`` (the run directory's, once known); the
+        provisional directory goes too when nothing else is left in it."""
         log_dir.mkdir(parents=True, exist_ok=True)
         for f in self.log_dir.glob("*.log"):
             shutil.move(str(f), log_dir / f.name)
+        if self.log_dir.resolve() != log_dir.resolve():
+            with contextlib.suppress(OSError):  # not empty (another job's logs): kept
+                self.log_dir.rmdir()
         self.log_dir = log_dir
 
     @contextlib.contextmanager
     def __call__(self, name: str, what: str = ""):
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # another job in this checkout may have tidied it away
         path = self.log_dir / f"{name}.log"
         handler = logging.FileHandler(path, mode="a")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
