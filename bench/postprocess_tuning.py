@@ -27,7 +27,7 @@ from scipy.ndimage import uniform_filter
 
 from tgs_salt.compare import t_interval
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import CLS_GRID, PostProcess, apply, score_table
+from tgs_salt.postprocess import PostProcess, ScoreTable, apply, best_on, score_table
 from tgs_salt.report import oof_with_truth, read_run
 
 # name: (classifier cuts searched, minimum areas searched (None: the config's), thresholds searched,
@@ -42,34 +42,20 @@ STRATEGIES = {
 }
 
 
-def all_grids(table, sel: np.ndarray) -> np.ndarray:
-    """Mean score of the images ``sel`` at every (classifier cut, minimum area, threshold)."""
-    scores, empty = table.scores[sel], table.empty[sel]
-    if table.cls is None:
-        return scores.mean(axis=0)[None]
-    cls = table.cls[sel]
-    return np.stack([np.where((cls < c)[:, None, None], empty[:, None, None], scores).mean(axis=0) if c
-                     else scores.mean(axis=0) for c in CLS_GRID])
-
-
-def best_of(grids: np.ndarray, th: np.ndarray, areas: np.ndarray, spec, has_cls: bool) -> PostProcess:
+def best_of(table: ScoreTable, grids: np.ndarray, spec) -> PostProcess:
+    """The best post-processing a strategy allows, on ``grids`` (:meth:`ScoreTable.grids`)."""
     cuts, allowed_areas, allowed_th, box = spec
-    cut_values = CLS_GRID if has_cls else np.array([np.nan])
-    ok_c = np.ones(len(cut_values), bool) if cuts == "all" or not has_cls else np.isin(cut_values, cuts)
-    ok_a = np.ones(len(areas), bool) if allowed_areas is None else np.isin(areas, allowed_areas)
-    ok_t = np.ones(len(th), bool) if allowed_th == "all" else np.isin(th, allowed_th)
+    cut_values = table.cuts()
+    ok_c = np.array([cuts == "all" or c is None or c in cuts for c in cut_values])
+    ok_a = np.ones(len(table.areas), bool) if allowed_areas is None else np.isin(table.areas, allowed_areas)
+    ok_t = np.ones(len(table.th), bool) if allowed_th == "all" else np.isin(table.th, allowed_th)
     # the box averages over the allowed points only (a strategy that fixes an axis does not smooth along it)
     g = grids[np.ix_(ok_c, ok_a, ok_t)]
     if box is not None:
         g = uniform_filter(g, size=[min(b, n) for b, n in zip(box, g.shape)], mode="nearest")
-    best, best_score = None, -np.inf
-    for c in range(len(g)):  # near-ties (1e-12) go to the first classifier cut, as in ScoreTable.search
-        a, k = np.unravel_index(int(np.argmax(g[c])), g[c].shape)
-        if g[c, a, k] > best_score + 1e-12:
-            best, best_score = (c, a, k), g[c, a, k]
-    c, a, k = best
-    cut = cut_values[ok_c][c]
-    return PostProcess(float(th[ok_t][k]), int(areas[ok_a][a]), float(cut) if has_cls else None)
+    c, a, k = best_on(g)
+    cut = [x for x, ok in zip(cut_values, ok_c) if ok][c]
+    return PostProcess(float(table.th[ok_t][k]), int(table.areas[ok_a][a]), None if cut is None else float(cut))
 
 
 def main():
@@ -85,8 +71,7 @@ def main():
         _, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
         truth = data.masks[idx]
         table = score_table(probs, truth, cfg, cls)
-        th, areas = table.th, table.areas
-        assert 0.5 in th and 0 in areas, "the default (0.5, no minimum area) must be on the grid"
+        assert 0.5 in table.th and 0 in table.areas, "the default (0.5, no minimum area) must be on the grid"
         default = PostProcess(0.5, 0, None if cls is None else 0.5)
         at_default = per_image_scores(apply(probs, default, cls=cls), truth)
         per = {name: [] for name in STRATEGIES}
@@ -96,9 +81,9 @@ def main():
             scores = {name: np.empty(len(probs)) for name in STRATEGIES}
             for g in (0, 1):
                 out, fit = halves == g, halves != g
-                grids = all_grids(table, fit)
+                grids = table.grids(fit)
                 for name, spec in STRATEGIES.items():
-                    pp = best_of(grids, th, areas, spec, cls is not None)
+                    pp = best_of(table, grids, spec)
                     scores[name][out] = per_image_scores(apply(probs[out], pp, cls=None if cls is None else cls[out]),
                                                          truth[out])
             for name in STRATEGIES:

@@ -649,7 +649,6 @@ def test_bootstrap_interval_covers_the_mean_with_the_right_width():
     assert lo < d.mean() < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
 
 
-
 def test_run_fold_file_found_in_this_checkout_when_its_path_is_gone(tmp_path, monkeypatch):
     """A run directory moved from another checkout scores against the same fold file here."""
     from tgs_salt.errors import UserError
@@ -673,6 +672,7 @@ def test_run_fold_file_found_in_this_checkout_when_its_path_is_gone(tmp_path, mo
     (here / old.name).unlink()
     with pytest.raises(UserError, match="does not exist; put that file at"):
         run_fold_file(facts)
+
 
 def _pair_scores(rng, ids, base, run_shift, image_effect, noise):
     """A (base, other) pair of per-image score dicts: other = base + image effect + a run-level shift."""

@@ -82,24 +82,45 @@ class ScoreTable:
         self.empty = np.where(true_area == 0, 1.0, 0.0)
         self.th, self.areas, self.cls = th, areas, cls
 
-    def search(self, sel: np.ndarray | None = None) -> tuple[PostProcess, float, np.ndarray]:
-        """The best post-processing on the images ``sel`` selects (default: all), its score, and the
-        threshold x min-area grid of mean scores at its classifier cut. Near-ties (1e-12) go to the
-        first classifier cut, exact ties to the first (min area, threshold) in grid order."""
+    def cuts(self) -> list:
+        """The classifier cuts searched: CLS_GRID (0: the classifier empties nothing), or [None]
+        without a classifier."""
+        return list(CLS_GRID) if self.cls is not None else [None]
+
+    def grids(self, sel: np.ndarray | None = None) -> np.ndarray:
+        """Mean score of the images ``sel`` selects (default: all) at every (classifier cut of
+        :meth:`cuts`, minimum area, threshold)."""
         scores = self.scores if sel is None else self.scores[sel]
         empty = self.empty if sel is None else self.empty[sel]
-        best, best_score, best_grid = None, -1.0, None
-        for c in (CLS_GRID if self.cls is not None else [None]):
+        out = []
+        for c in self.cuts():
             if c:  # the classifier empties the images below the cut (0: none)
                 drop = (self.cls if sel is None else self.cls[sel]) < c
-                grid = np.where(drop[:, None, None], empty[:, None, None], scores).mean(axis=0)
+                out.append(np.where(drop[:, None, None], empty[:, None, None], scores).mean(axis=0))
             else:
-                grid = scores.mean(axis=0)
-            a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
-            if grid[a, k] > best_score + 1e-12:
-                best = PostProcess(float(self.th[k]), int(self.areas[a]), None if c is None else float(c))
-                best_score, best_grid = float(grid[a, k]), grid
-        return best, best_score, best_grid
+                out.append(scores.mean(axis=0))
+        return np.stack(out)
+
+    def search(self, sel: np.ndarray | None = None) -> tuple[PostProcess, float, np.ndarray]:
+        """The best post-processing on the images ``sel`` selects (default: all), its score, and the
+        threshold x min-area grid of mean scores at its classifier cut (ties as :func:`best_on`)."""
+        grids = self.grids(sel)
+        c, a, k = best_on(grids)
+        cut = self.cuts()[c]
+        pp = PostProcess(float(self.th[k]), int(self.areas[a]), None if cut is None else float(cut))
+        return pp, float(grids[c, a, k]), grids[c]
+
+
+def best_on(grids: np.ndarray) -> tuple[int, int, int]:
+    """The (classifier cut, minimum area, threshold) index of the best mean score in ``grids``:
+    near-ties (1e-12) go to the first classifier cut, exact ties to the first (min area, threshold)
+    in grid order."""
+    best, best_score = None, -np.inf
+    for c, grid in enumerate(grids):
+        a, k = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        if grid[a, k] > best_score + 1e-12:
+            best, best_score = (c, int(a), int(k)), grid[a, k]
+    return best
 
 
 def score_table(probs, truth, cfg, cls=None) -> ScoreTable:
