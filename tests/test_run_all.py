@@ -263,13 +263,16 @@ def test_stage_logs_move_to_the_run_directory_and_leave_no_empty_folder(tmp_path
 
     from tgs_salt.pipeline import Stages
 
-    provisional = tmp_path / "runs" / "logs"
-    stages = Stages(provisional)
-    with stages("config"):
+    stages = Stages.provisional(tmp_path / "runs")
+    other = Stages(tmp_path / "runs" / "logs" / "job-1")  # another job started in this checkout meanwhile
+    with stages("config"), other("config"):
         logging.getLogger("tgs_salt.test").warning("written before the run directory was known")
+    assert stages.log_dir != other.log_dir
     stages.move_to(tmp_path / "elsewhere" / "logs")
     assert "written before" in (tmp_path / "elsewhere" / "logs" / "config.log").read_text()
-    assert not provisional.exists()
+    assert (other.log_dir / "config.log").exists()  # the other job's log stays where it is
+    other.move_to(tmp_path / "run1" / "logs")
+    assert not (tmp_path / "runs" / "logs").exists()  # the last job out tidies the folder away
     kept = tmp_path / "kept"
     stages = Stages(kept)
     (kept / "notes.txt").write_text("not a log")

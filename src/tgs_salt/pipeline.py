@@ -81,15 +81,24 @@ class Stages:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def provisional(cls, runs_dir: Path) -> Stages:
+        """Stages logging to a folder of this job's own under ``runs_dir/logs`` until the run directory
+        is known: two jobs started at once in one checkout do not mix or take each other's logs."""
+        return cls(runs_dir / "logs" / f"job-{os.getpid()}")
+
     def move_to(self, log_dir: Path) -> None:
         """Move the logs written so far to ``log_dir`` (the run directory's, once known); the
-        provisional directory goes too when nothing else is left in it."""
+        provisional directory goes too when nothing else is left in it, and so does its parent
+        ``logs`` folder (:meth:`provisional`) when that is left empty."""
         log_dir.mkdir(parents=True, exist_ok=True)
         for f in self.log_dir.glob("*.log"):
             shutil.move(str(f), log_dir / f.name)
         if self.log_dir.resolve() != log_dir.resolve():
-            with contextlib.suppress(OSError):  # not empty (another job's logs): kept
+            with contextlib.suppress(OSError):  # not empty (something else is in it): kept
                 self.log_dir.rmdir()
+                if self.log_dir.name.startswith("job-"):
+                    self.log_dir.parent.rmdir()  # not empty (another job's folder): kept
         self.log_dir = log_dir
 
     @contextlib.contextmanager
@@ -300,7 +309,7 @@ def run_command(args) -> int:
     t_start = float(os.environ["TGS_JOB_START"])
     if args.submit and not args.message:
         raise UserError("--submit needs a message: --submit -m \"my message\"")
-    stages = Stages(paths.runs_dir() / "logs")  # until the run directory is known
+    stages = Stages.provisional(paths.runs_dir())  # until the run directory is known
     data_dir, synthetic = choose_data(Path(args.data_dir) if args.data_dir else paths.data_dir(), stages,
                                       args.synth_size)
     device_type = resolve_device(args.device).type  # GPUs torch cannot use: stops here, saying what to install
