@@ -58,7 +58,8 @@ CONFIG_CASES = [
     "train.max_train_batches=-1", "train.amp=maybe", "train.seed=abc", "augment.shift=abc",
     "predict.batch_size=0", "postprocess.min_areas=abc", "postprocess.default_threshold=7", "folds.seed=abc",
     "folds.train_folds=[9]", "train.lr=-1", "train.time_budget_minutes=0", "train.channels_last=sometimes",
-    "train.batch_size=1.5", "train.compile=yes please",
+    "train.batch_size=1.5", "train.compile=yes please", "postprocess.tune_params=[threshold, size]",
+    "postprocess.tune_params=[]",
 ]
 
 SUBMISSION_CASES = {  # (CSV body after the header, command, expected exit code, needle)

@@ -273,6 +273,36 @@ def test_score_table_search_matches_a_sweep_per_classifier_cut():
     pp, score, grid = no_cls.search()
     assert pp.cls_threshold is None and np.allclose(grid, threshold_sweep(probs, truth, th, areas))
 
+
+def test_tune_params_restrict_the_search_to_what_they_name():
+    """postprocess.tune_params: the classifier cut alone keeps the default threshold and no minimum
+    area, and makes the choice the full search makes among those settings; the threshold alone keeps
+    the classifier's cut at 0.5. The policy scores and the decision follow the restricted search."""
+    from tgs_salt.postprocess import CLS_GRID, policy_scores, score_table
+
+    probs, truth, cls, _ = _salt_case(n=90)
+    probs = np.clip(probs + np.random.default_rng(1).uniform(-0.3, 0.3, probs.shape), 0, 1).astype(np.float32)
+    base = {"thresholds": [0.05, 0.95, 19], "min_areas": [0, 10, 150], "default_threshold": 0.5, "tune": True}
+    full = {"postprocess": base}
+    cut = {"postprocess": {**base, "tune_params": ["cls_cut"]}}
+    t_full, t_cut = score_table(probs, truth, full, cls), score_table(probs, truth, cut, cls)
+    assert t_cut.th.tolist() == [0.5] and t_cut.areas.tolist() == [0] and t_cut.cuts() == list(CLS_GRID)
+    for sel in (np.ones(90, bool), np.arange(90) % 3 != 0):
+        grids = t_full.grids(sel)[:, :1, list(t_full.th).index(0.5)]  # min area 0, threshold 0.5
+        pp, score, _ = t_cut.search(sel)
+        assert (pp.threshold, pp.min_area) == (0.5, 0) and score == pytest.approx(grids.max())
+        assert pp.cls_threshold == CLS_GRID[int(np.argmax(grids[:, 0]))]
+    th_only = score_table(probs, truth, {"postprocess": {**base, "tune_params": ["threshold"]}}, cls)
+    assert th_only.cuts() == [0.5] and th_only.areas.tolist() == [0] and len(th_only.th) == 19
+    assert th_only.search()[0].cls_threshold == 0.5
+    groups = np.arange(90) % 2
+    pp, how = decide(probs, truth, cut, groups, cls)
+    assert how["applied"] == "tuned" and (pp.threshold, pp.min_area) == (0.5, 0)
+    scores, chosen = policy_scores(probs, truth, cut, groups, cls)
+    assert all((c["threshold"], c["min_area"]) == (0.5, 0) for c in chosen)
+    assert not np.array_equal(scores, policy_scores(probs, truth, full, groups, cls)[0])
+
+
 def test_policy_scores_make_the_choice_held_out():
     """postprocess.policy_scores: each group gets what auto picks from the other groups alone, so
     no group's truth takes part in its own choice; where every group agrees with the whole, the

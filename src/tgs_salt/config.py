@@ -105,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
         "min_areas": [0, 10, 20, 30, 50, 75, 100, 150, 200, 300],
         "default_threshold": 0.5,
         "tune": "auto",                 # auto: the tuned post-processing only where it beats the untuned one nested | true | false
+        "tune_params": ["threshold", "min_area", "cls_cut"],  # what the tuning searches; the rest stays untuned
     },
 }
 
@@ -368,6 +369,11 @@ def validate(cfg: dict, where: str = "config") -> None:
     _check(isinstance(ma, list) and ma and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 10201
                                                for x in ma),
            f"postprocess.min_areas = {ma!r}; a non-empty list of pixel counts 0..10201", where)
+    from tgs_salt.postprocess import TUNE_PARAMS
+
+    tp = cfg["postprocess"]["tune_params"]
+    _check(isinstance(tp, list) and tp and all(x in TUNE_PARAMS for x in tp) and len(set(tp)) == len(tp),
+           f"postprocess.tune_params = {tp!r}; a non-empty list of {', '.join(TUNE_PARAMS)} (each once)", where)
     dc = cfg["model"]["decoder_channels"]
     _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dc),
            f"model.decoder_channels = {dc!r}; a list of positive integers", where)

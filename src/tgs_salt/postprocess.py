@@ -22,6 +22,7 @@ import numpy as np
 from tgs_salt.metric import per_image_scores, score_from_counts, threshold_counts
 
 CLS_GRID = np.round(np.linspace(0.0, 0.9, 10), 2)  # 0 = the classifier never empties a mask
+TUNE_PARAMS = ("threshold", "min_area", "cls_cut")  # what postprocess.tune_params may name
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ScoreTable:
     values in the same order), so every choice, ties included, is the one such a sweep makes."""
 
     def __init__(self, probs: np.ndarray, truth: np.ndarray, th: np.ndarray, areas: np.ndarray,
-                 cls: np.ndarray | None = None):
+                 cls: np.ndarray | None = None, cut_grid=CLS_GRID):
         inter, pred_area, true_area = threshold_counts(probs, truth, th)
         self.scores = np.empty((len(probs), len(areas), len(th)))
         for i, a in enumerate(areas):
@@ -80,12 +81,12 @@ class ScoreTable:
             self.scores[:, i] = score_from_counts(np.where(keep, inter, 0), np.where(keep, pred_area, 0),
                                                   true_area[:, None])
         self.empty = np.where(true_area == 0, 1.0, 0.0)
-        self.th, self.areas, self.cls = th, areas, cls
+        self.th, self.areas, self.cls, self.cut_grid = th, areas, cls, cut_grid
 
     def cuts(self) -> list:
-        """The classifier cuts searched: CLS_GRID (0: the classifier empties nothing), or [None]
-        without a classifier."""
-        return list(CLS_GRID) if self.cls is not None else [None]
+        """The classifier cuts searched: ``cut_grid`` (CLS_GRID by default; 0: the classifier empties
+        nothing), or [None] without a classifier."""
+        return list(self.cut_grid) if self.cls is not None else [None]
 
     def grids(self, sel: np.ndarray | None = None) -> np.ndarray:
         """Mean score of the images ``sel`` selects (default: all) at every (classifier cut of
@@ -124,9 +125,15 @@ def best_on(grids: np.ndarray) -> tuple[int, int, int]:
 
 
 def score_table(probs, truth, cfg, cls=None) -> ScoreTable:
-    """The :class:`ScoreTable` of the config's threshold grid and minimum areas."""
-    return ScoreTable(probs, truth, threshold_grid(cfg), np.asarray(cfg["postprocess"]["min_areas"], dtype=np.int64),
-                      cls)
+    """The :class:`ScoreTable` of what ``postprocess.tune_params`` tunes: the config's threshold grid,
+    its minimum areas, the classifier cuts of CLS_GRID; what it leaves out stays at the untuned value
+    (the default threshold, no minimum area, the classifier's cut at 0.5)."""
+    pp = cfg["postprocess"]
+    params = pp.get("tune_params", TUNE_PARAMS)
+    th = threshold_grid(cfg) if "threshold" in params else np.array([float(pp["default_threshold"])])
+    areas = np.asarray(pp["min_areas"] if "min_area" in params else [0], dtype=np.int64)
+    cuts = CLS_GRID if "cls_cut" in params else np.array([untuned(cfg, True).cls_threshold])
+    return ScoreTable(probs, truth, th, areas, cls, cuts)
 
 
 def tune(probs: np.ndarray, truth: np.ndarray, cfg: dict, cls: np.ndarray | None = None,
