@@ -28,8 +28,16 @@ from scipy.ndimage import uniform_filter
 
 from tgs_salt.compare import t_interval
 from tgs_salt.metric import per_image_scores
-from tgs_salt.postprocess import (TUNE_PARAMS, PostProcess, ScoreTable, apply, best_on, nested_scores,
-                                  policy_scores, score_table)
+from tgs_salt.postprocess import (
+    TUNE_PARAMS,
+    PostProcess,
+    ScoreTable,
+    apply,
+    best_on,
+    nested_scores,
+    policy_scores,
+    score_table,
+)
 from tgs_salt.report import oof_with_truth, read_run
 
 # name: (classifier cuts searched, minimum areas searched (None: the config's), thresholds searched,
