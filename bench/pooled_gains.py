@@ -55,7 +55,7 @@ LEVERS = [
     ("a third of the empty-mask images (empty_fraction 0.3 vs 0.5): 26- and 30-min budgets, AVX2-limited EPYC",
      "not adopted",
      [files(f"cpu_budget_tb26_empty05_s{s}_fast_avx2isa.json", f"cpu_budget_tb26_empty03_s{s}_fast_avx2isa.json")
-      for s in (42, 43, 44, 45, 46)]
+      for s in (42, 43, 44, 45, 46, 47, 48)]
      + [files("cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json", "cpu_budget_tb30_empty03_s42_fast_avx2isa.json"),
         files("cpu_budget_tb30_empty05_s44_fast_avx2isa.json", "cpu_budget_tb30_empty03_s44_fast_avx2isa.json")]),
     ("three resolutions (64 -> 96 -> 112 px): fixed 48 epochs (AVX2 EPYC) and 30-min budgets (AVX2-limited EPYC)",
