@@ -255,21 +255,26 @@ def test_run_refuses_submit_without_message_in_process(tmp_path, capsys):
     assert "--submit needs a message" in capsys.readouterr().err
 
 
-def test_stage_logs_move_to_the_run_directory_and_leave_no_empty_folder(tmp_path):
-    """Logs written before the run directory is known (in runs/logs) move into it; the provisional
-    folder goes with them unless something else is in it (it used to stay behind, empty, whatever
-    --run-dir was)."""
+def test_stage_logs_move_to_the_run_directory_and_leave_no_empty_folder(tmp_path, monkeypatch):
+    """Logs written before the run directory is known (in runs/logs/job-<pid>, one folder per job, so
+    that two jobs started at once do not share a config.log) move into it; the provisional folder goes
+    with them unless something else is in it (it used to stay behind, empty, whatever --run-dir was)."""
     import logging
 
     from tgs_salt.pipeline import Stages
 
+    monkeypatch.setattr("os.getpid", lambda: 111)
     stages = Stages.provisional(tmp_path / "runs")
-    other = Stages(tmp_path / "runs" / "logs" / "job-1")  # another job started in this checkout meanwhile
-    with stages("config"), other("config"):
+    monkeypatch.setattr("os.getpid", lambda: 222)
+    other = Stages.provisional(tmp_path / "runs")  # another job started in this checkout meanwhile
+    with stages("config"):
         logging.getLogger("tgs_salt.test").warning("written before the run directory was known")
-    assert stages.log_dir != other.log_dir
+    with other("config"):
+        logging.getLogger("tgs_salt.test").warning("the other job's config")
+    assert stages.log_dir != other.log_dir  # a shared folder would mix the two config.log files
     stages.move_to(tmp_path / "elsewhere" / "logs")
-    assert "written before" in (tmp_path / "elsewhere" / "logs" / "config.log").read_text()
+    moved = (tmp_path / "elsewhere" / "logs" / "config.log").read_text()
+    assert "written before" in moved and "the other job's" not in moved
     assert (other.log_dir / "config.log").exists()  # the other job's log stays where it is
     other.move_to(tmp_path / "run1" / "logs")
     assert not (tmp_path / "runs" / "logs").exists()  # the last job out tidies the folder away
