@@ -26,7 +26,7 @@ import numpy as np
 from common import save
 from scipy.ndimage import uniform_filter
 
-from tgs_salt.compare import t_interval
+from tgs_salt.compare import pooled_t
 from tgs_salt.metric import per_image_scores
 from tgs_salt.postprocess import (
     TUNE_PARAMS,
@@ -73,11 +73,8 @@ def policy_of(cfg: dict, params: list, probs, truth, cls, splits: int) -> tuple[
 
 def pooled_gain(d: np.ndarray) -> dict:
     """Mean of per-run, per-image gains ``d`` (runs x images) with a t interval counting runs and images."""
-    per_run, per_img = d.mean(axis=1), d.mean(axis=0)
-    m, n = d.shape
-    lo, hi, _ = t_interval(float(per_run.mean()), float(per_run.var(ddof=1)) / m if m > 1 else 0.0,
-                           max(m - 1, 1), float(per_img.var(ddof=1)) / n, n - 1)
-    return {"gain": round(float(per_run.mean()), 6), "ci95": [round(lo, 6), round(hi, 6)],
+    gain, per_run, _, _, _, (lo, hi, _) = pooled_t(d)
+    return {"gain": round(gain, 6), "ci95": [round(lo, 6), round(hi, 6)],
             "per_run": [round(float(g), 6) for g in per_run]}
 
 

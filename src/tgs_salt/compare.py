@@ -103,6 +103,18 @@ def t_interval(gain: float, v_runs: float, df_runs: int, v_images: float, df_ima
     return gain - half, gain + half, df
 
 
+def pooled_t(d: np.ndarray):
+    """Per-image gains ``d`` (runs x images) pooled: the mean gain, the runs' gains, the per-image
+    gains averaged over the runs, the two variances of the mean (runs, images) and the t interval
+    (:func:`t_interval`) that adds them. With one run the runs' variance is taken as 0."""
+    m, n = d.shape
+    gains, per_image_gain = d.mean(axis=1), d.mean(axis=0)
+    gain = float(gains.mean())
+    v_runs = float(gains.var(ddof=1)) / m if m > 1 else 0.0
+    v_images = float(per_image_gain.var(ddof=1)) / n
+    return gain, gains, per_image_gain, v_runs, v_images, t_interval(gain, v_runs, max(m - 1, 1), v_images, n - 1)
+
+
 def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
     """Gain of OTHER over BASE pooled over several pairs of runs (a pair per seed, say), each pair as
     :func:`paired` takes it; every run must hold out the same images, tuned on the same groups.
@@ -127,10 +139,7 @@ def pooled(pairs: list[tuple[dict, dict]], n_boot: int = 10000) -> dict:
     out = {"n_pairs": m, "n_images": n, "bootstrap_resamples": n_boot}
     for name, key in measures(*(x for pair in pairs for x in pair)):
         d = np.stack([np.asarray(b[key], dtype=float) - np.asarray(a[key], dtype=float) for a, b in pairs])
-        gains, per_image_gain = d.mean(axis=1), d.mean(axis=0)
-        gain = float(gains.mean())
-        v_runs, v_images = float(gains.var(ddof=1)) / m, float(per_image_gain.var(ddof=1)) / n
-        t_lo, t_hi, df = t_interval(gain, v_runs, m - 1, v_images, n - 1)
+        gain, gains, per_image_gain, v_runs, v_images, (t_lo, t_hi, df) = pooled_t(d)
         lo, hi = bootstrap_interval(per_image_gain, n_boot)
         out[name] = {"gain": round(gain, 6), "pair_gains": [round(float(g), 6) for g in gains],
                      "se_runs": round(v_runs ** 0.5, 6), "se_images": round(v_images ** 0.5, 6),
