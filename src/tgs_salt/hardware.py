@@ -195,6 +195,32 @@ def resolve_device(name: str) -> torch.device:
     raise UserError("--device cuda asked for, but torch sees no CUDA device")
 
 
+# ----------------------------------------------------------------------------- memory allocator
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a CPU training step frees for the next step: no trimming
+    of the heap's top (``M_TRIM_THRESHOLD`` -1) and nothing served by ``mmap`` (``M_MMAP_MAX`` 0),
+    so every tensor comes from the heap and goes back to it. By default glibc gives large blocks back
+    to the kernel when they are freed (a block above the mmap threshold, at most 32 MiB, is unmapped;
+    the heap's top is trimmed), and the next step's tensors land on fresh pages the kernel must
+    zero-fill on first touch: 30,000-45,000 page faults per 112 px training step of ``cpu_budget``,
+    about a tenth of the step on two AVX2 cores (``bench/bench_malloc.py``). Process-wide and for
+    the process's life: what the process has once used stays mapped to it. True when set (Linux with
+    glibc); False elsewhere, where nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, -1)) and bool(libc.mallopt(M_MMAP_MAX, 0))
+    except (OSError, AttributeError):
+        return False
+
+
 # ----------------------------------------------------------------------------- precision
 
 @dataclass

@@ -752,7 +752,7 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
     device with the same settings."""
     t = cfg["train"]
-    settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last")}
+    settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last", "cpu_malloc")}
     facts = _device_facts(device)
     saved = read_precision(run_dir)
     low, mid = t["low_res_size"], t["mid_res_size"]
@@ -957,6 +957,8 @@ def train_command(args) -> int:
             torch.set_num_threads(args.threads)
         elif ctx.enabled and device.type == "cpu":
             torch.set_num_threads(max(1, hardware.usable_cores() // ctx.world))
+        if device.type == "cpu" and cfg["train"]["cpu_malloc"] == "keep" and hardware.keep_freed_memory():
+            log.info("malloc: freed memory kept for the next step (train.cpu_malloc keep: no trimming, no mmap)")
         data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
         run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
         folds_to_train = parse_folds(args.fold, args.folds, cfg)
