@@ -215,7 +215,8 @@ def keep_freed_memory() -> bool:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt does nothing
+            return False
         return bool(libc.mallopt(M_TRIM_THRESHOLD, -1)) and bool(libc.mallopt(M_MMAP_MAX, 0))
     except (OSError, AttributeError):
         return False
