@@ -3,10 +3,15 @@ against one that keeps freed memory (``hardware.keep_freed_memory``), measured i
 machine, in fresh processes (the allocator's settings are process-wide), alternating rounds.
 
     python bench/bench_malloc.py [--config cpu_budget] [--precision fp32+channels_last] [--rounds 3] [--steps 20]
+                                 [--data-dir D --batches 30]
 
 For the full-size input and the low-resolution phase's (``train.low_res_size``): median step time,
 page faults per step (``ru_minflt``) and peak resident memory, in the precision the training probe
-picks on this machine (or ``--precision``). The ratio is what the epochs of an hour gain.
+picks on this machine (or ``--precision``). With ``--data-dir``, also what real training epochs gain
+(the data loading, the EMA and the classifier's loss allocate too): the config's fold 0 trained for 3
+short epochs (``--batches`` each) with ``train.cpu_malloc`` default and keep, alternating in each
+round, at full size and at the low resolution, as ``bench_cpu_processes.py`` does: images/s of epochs
+2-3 and the training process's page faults (``RUSAGE_CHILDREN``, start-up included).
 """
 
 import argparse
@@ -16,9 +21,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from bench_cpu_processes import images_per_s, precision_sets
 from common import kind_tag, precision, save
 
 from tgs_salt import hardware as H
@@ -69,12 +78,54 @@ def worker(a) -> None:
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 
 
+def training_epochs(a, cfg: dict, prec: str) -> dict:
+    """Real short training runs, ``train.cpu_malloc`` default against keep, alternating per round."""
+    dtype, _, layout = prec.partition("+")
+    p = H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
+    stages = json.dumps([{"loss": cfg["train"]["stages"][-1]["loss"], "epochs": 3}])
+    common = ["--config", a.config, "--data-dir", a.data_dir, "--fold", "0", "--device", "cpu", *precision_sets(p),
+              "--set", f"train.max_train_batches={a.batches}", "--set", f"train.stages={stages}",
+              "--set", "train.time_budget_minutes=null", "--set", "train.val_every=100",
+              "--set", "train.low_res_validate=false"]
+    sizes = {"full": ["--set", "train.low_res_fraction=0"]}
+    if cfg["train"]["low_res_size"]:
+        sizes["low_res"] = ["--set", "train.low_res_fraction=1"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for size, extra in sizes.items():
+                row = {"round": r + 1, "size": size}
+                for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                    run = Path(tmp) / f"{mode}_{size}_{r}"
+                    f0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+                    proc = subprocess.run([sys.executable, "-m", "tgs_salt", "train", *common, *extra,
+                                           "--set", f"train.cpu_malloc={mode}", "--run-dir", str(run)],
+                                          capture_output=True, text=True, env=env, check=False)
+                    if proc.returncode:
+                        sys.exit(f"training ({mode}) failed:\n{proc.stderr[-3000:]}")
+                    row[f"{mode}_img_s"] = round(images_per_s(run), 2)
+                    row[f"{mode}_process_faults"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - f0
+                row["keep_vs_default"] = round(row["keep_img_s"] / row["default_img_s"], 3)
+                print(row, flush=True)
+                rows.append(row)
+    return {"how": "images/s of epochs 2-3 of 3 short epochs of real training (training steps, loading and EMA), "
+                   "the two settings alternating within each round", "batches_per_epoch": a.batches, "rows": rows,
+            "summary": {size: {"keep_vs_default_mean": round(float(np.mean([r["keep_vs_default"] for r in rows
+                                                                             if r["size"] == size])), 3),
+                               "ratios": [r["keep_vs_default"] for r in rows if r["size"] == size]}
+                        for size in sizes}}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="cpu_budget")
     p.add_argument("--precision", default=None, help="e.g. fp32+channels_last (default: the training probe's choice)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--data-dir", default=None, help="also time real training epochs on this data")
+    p.add_argument("--batches", type=int, default=30, help="training batches per epoch (3 epochs per run)")
     p.add_argument("--worker", choices=MODES, dest="mode", help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -108,6 +159,8 @@ def main():
         row["keep_faster_in_rounds"] = sum(d > k for d, k in zip(row["default"]["round_medians_ms"],
                                                                    row["keep"]["round_medians_ms"], strict=True))
         result["sizes"][f"{px}px"] = row
+    if a.data_dir:
+        result["training_epochs"] = training_epochs(a, cfg, prec)
     save(f"malloc_cpu_{cfg['name']}_{kind_tag()}", result)
 
 

@@ -70,6 +70,8 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cfg = load_config(a.config, a.set)
+    # as training does (train.cpu_malloc): freed memory kept for the next step
+    kept = device.type == "cpu" and cfg["train"]["cpu_malloc"] == "keep" and H.keep_freed_memory()
     batch = a.batch or cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
     geo = builder.geo
@@ -95,7 +97,7 @@ def main():
     best = max(rates.values())
     result = {
         "config": a.config, "overrides": a.set, "model": f"{cfg['model']['arch']} {cfg['model']['encoder']}",
-        "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch,
+        "device": str(device), "cpu_kind": H.cpu_kind(), "batch": batch, "cpu_malloc_kept": kept,
         "input": f"{builder.n_channels}x{geo.pad_to}x{geo.pad_to}",
         "train_gflops_per_image": round(flops / 1e9, 3),
         "fp32_peak_gflops": round(peak / 1e9, 1),
