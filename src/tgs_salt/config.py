@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "empty_fraction": 1.0,          # share of the empty-mask training images each epoch draws afresh (all the
                                         # ones with salt always): fewer, cheaper epochs spent on salt
         "cpu_malloc": "keep",           # keep | default: on a CPU, glibc's malloc keeps freed memory for the next step
-                                        # (no trimming, no mmap: ~1.1x the img/s at 112 px; hardware.keep_freed_memory)
+                                        # (no trimming, no mmap: 1.02-1.12x the img/s of real epochs; hardware.keep_freed_memory)
         "sync_bn": False,               # SyncBatchNorm under torchrun
         "cpu_processes": 1,             # ./run_all.sh on a CPU: train data-parallel in this many processes (at most
                                         # one per core; the cores shared out as threads; BatchNorm per process)
