@@ -56,6 +56,23 @@ def full_size_flops(cfg: dict) -> float:
     return train_flops_per_image(model, x, y, get_loss(cfg["train"]["stages"][-1]["loss"]), g.crop)
 
 
+def short_run_args(cfg: dict, config: str, data_dir: str, prec, batches: int,
+                   sets: list[str] = ()) -> tuple[list[str], dict[str, list[str]]]:
+    """``train``'s arguments for 3 short epochs of fold 0 (``batches`` batches each, in precision
+    ``prec``, no time plan, validated only at the end) and the extra ones per size: ``full``, and
+    ``low_res`` (every epoch at ``train.low_res_size``) when the config has one."""
+    stages = json.dumps([{"loss": cfg["train"]["stages"][-1]["loss"], "epochs": 3}])
+    common = ["--config", config, "--data-dir", data_dir, "--fold", "0", "--device", "cpu",
+              *[x for s in sets for x in ("--set", s)], *precision_sets(prec),
+              "--set", f"train.max_train_batches={batches}", "--set", f"train.stages={stages}",
+              "--set", "train.time_budget_minutes=null", "--set", "train.val_every=100",
+              "--set", "train.low_res_validate=false"]
+    sizes = {"full": ["--set", "train.low_res_fraction=0"]}
+    if cfg["train"]["low_res_size"]:
+        sizes["low_res"] = ["--set", "train.low_res_fraction=1"]
+    return common, sizes
+
+
 def images_per_s(run_dir: Path) -> float:
     with open(run_dir / "fold0" / "log.csv") as f:
         rows = list(csv.DictReader(f))
@@ -81,15 +98,7 @@ def main():
                 f"size {cfg['train']['batch_size']}")
     prec = precision(cfg, torch.device("cpu"))
     peak, flops = fp32_peak(torch.device("cpu")), full_size_flops(cfg)
-    stages = json.dumps([{"loss": cfg["train"]["stages"][-1]["loss"], "epochs": 3}])
-    common = ["--config", a.config, "--data-dir", a.data_dir, "--fold", "0", "--device", "cpu",
-              *[x for s in a.set for x in ("--set", s)], *precision_sets(prec),
-              "--set", f"train.max_train_batches={a.batches}", "--set", f"train.stages={stages}",
-              "--set", "train.time_budget_minutes=null", "--set", "train.val_every=100",
-              "--set", "train.low_res_validate=false"]
-    sizes = {"full": ["--set", "train.low_res_fraction=0"]}
-    if cfg["train"]["low_res_size"]:
-        sizes["low_res"] = ["--set", "train.low_res_fraction=1"]
+    common, sizes = short_run_args(cfg, a.config, a.data_dir, prec, a.batches, a.set)
     threads = cores // a.processes
     src = str(Path(__file__).resolve().parents[1] / "src")  # the processes import this checkout's package
     os.environ["PYTHONPATH"] = src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_cpu_processes import images_per_s, precision_sets
+from bench_cpu_processes import images_per_s, short_run_args
 from common import kind_tag, precision, save
 
 from tgs_salt import hardware as H
@@ -47,8 +47,7 @@ def worker(a) -> None:
     if a.px != builder.geo.pad_to:
         builder = builder.at_size(a.px)
     geo, batch = builder.geo, cfg["train"]["batch_size"]
-    dtype, _, layout = a.precision.partition("+")
-    prec = H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
+    prec = precision(cfg, torch.device("cpu"), a.precision)
     torch.manual_seed(0)
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
     model = model.to(memory_format=prec.memory_format).train()
@@ -80,16 +79,7 @@ def worker(a) -> None:
 
 def training_epochs(a, cfg: dict, prec: str) -> dict:
     """Real short training runs, ``train.cpu_malloc`` default against keep, alternating per round."""
-    dtype, _, layout = prec.partition("+")
-    p = H.Precision({"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[dtype], layout == "channels_last")
-    stages = json.dumps([{"loss": cfg["train"]["stages"][-1]["loss"], "epochs": 3}])
-    common = ["--config", a.config, "--data-dir", a.data_dir, "--fold", "0", "--device", "cpu", *precision_sets(p),
-              "--set", f"train.max_train_batches={a.batches}", "--set", f"train.stages={stages}",
-              "--set", "train.time_budget_minutes=null", "--set", "train.val_every=100",
-              "--set", "train.low_res_validate=false"]
-    sizes = {"full": ["--set", "train.low_res_fraction=0"]}
-    if cfg["train"]["low_res_size"]:
-        sizes["low_res"] = ["--set", "train.low_res_fraction=1"]
+    common, sizes = short_run_args(cfg, a.config, a.data_dir, precision(cfg, torch.device("cpu"), prec), a.batches)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
