@@ -206,7 +206,7 @@ def keep_freed_memory() -> bool:
     so every tensor comes from the heap and goes back to it. By default glibc gives large blocks back
     to the kernel when they are freed (a block above the mmap threshold, at most 32 MiB, is unmapped;
     the heap's top is trimmed), and the next step's tensors land on fresh pages the kernel must
-    zero-fill on first touch: 26,000-44,000 page faults per 112 px training step of ``cpu_budget``,
+    zero-fill on first touch: 16,000-44,000 page faults per 112 px training step of ``cpu_budget``,
     about a tenth of the step on two AVX2 cores (``bench/bench_malloc.py``). Process-wide and for
     the process's life: what the process has once used stays mapped to it. True when set (Linux with
     glibc); False elsewhere, where nothing changes."""
