@@ -71,7 +71,7 @@ def main():
         torch.backends.cudnn.benchmark = True
     cfg = load_config(a.config, a.set)
     # as training does (train.cpu_malloc): freed memory kept for the next step
-    kept = device.type == "cpu" and cfg["train"]["cpu_malloc"] == "keep" and H.keep_freed_memory()
+    kept = H.apply_cpu_malloc(cfg["train"], device)
     batch = a.batch or cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
     geo = builder.geo

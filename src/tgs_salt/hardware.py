@@ -222,6 +222,12 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def apply_cpu_malloc(train_cfg: dict, device: torch.device) -> bool:
+    """``train.cpu_malloc`` for this process: :func:`keep_freed_memory` on a CPU when it says keep.
+    True when memory is now kept."""
+    return device.type == "cpu" and train_cfg["cpu_malloc"] == "keep" and keep_freed_memory()
+
+
 # ----------------------------------------------------------------------------- precision
 
 @dataclass

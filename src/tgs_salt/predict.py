@@ -14,7 +14,7 @@ from tgs_salt import paths
 from tgs_salt.config import n_views
 from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
-from tgs_salt.hardware import keep_freed_memory, resolve_device
+from tgs_salt.hardware import apply_cpu_malloc, resolve_device
 from tgs_salt.inference import FoldModel
 from tgs_salt.io_utils import atomic_path, exclusive_lock, remove_stale_temps, write_json_atomic
 from tgs_salt.postprocess import apply, decide, split_groups
@@ -87,8 +87,7 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, facts = read_run(run_dirs[0])
-    if device.type == "cpu" and cfg["train"]["cpu_malloc"] == "keep":
-        keep_freed_memory()
+    apply_cpu_malloc(cfg["train"], device)
     data_dir = Path(args.data_dir) if args.data_dir else Path(facts["data_dir"])
     sample = data_dir / "sample_submission.csv"
     test = load_test(data_dir)

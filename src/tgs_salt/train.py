@@ -957,7 +957,7 @@ def train_command(args) -> int:
             torch.set_num_threads(args.threads)
         elif ctx.enabled and device.type == "cpu":
             torch.set_num_threads(max(1, hardware.usable_cores() // ctx.world))
-        if device.type == "cpu" and cfg["train"]["cpu_malloc"] == "keep" and hardware.keep_freed_memory():
+        if hardware.apply_cpu_malloc(cfg["train"], device):
             log.info("malloc: freed memory kept for the next step (train.cpu_malloc keep: no trimming, no mmap)")
         data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
         run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / cfg["name"]
