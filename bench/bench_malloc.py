@@ -33,7 +33,7 @@ from common import kind_tag, precision, save
 from tgs_salt import hardware as H
 from tgs_salt.config import load_config
 from tgs_salt.losses import get_loss
-from tgs_salt.models import build_model, split_output
+from tgs_salt.models import build_model
 from tgs_salt.transforms import InputBuilder
 
 MODES = ("default", "keep")
@@ -50,19 +50,11 @@ def worker(a) -> None:
     prec = precision(cfg, torch.device("cpu"), a.precision)
     torch.manual_seed(0)
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
-    model = model.to(memory_format=prec.memory_format).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = get_loss(cfg["train"]["stages"][0]["loss"])
-    x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to).contiguous(memory_format=prec.memory_format)
+    x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to)
     y = (torch.rand(batch, 1, geo.resize, geo.resize) > 0.5).float()
-
-    def step():
-        with prec.autocast(torch.device("cpu")):
-            out = model(x)
-        loss = loss_fn(geo.crop(split_output(out)[0]).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = H.make_train_step(model, x, y, get_loss(cfg["train"]["stages"][0]["loss"]), geo.crop, prec,
+                             torch.device("cpu"))
+    del model  # the step trains its own copy
 
     for _ in range(3):
         step()

@@ -358,6 +358,27 @@ def probe_cpu(cands: list[tuple[str | None, bool]], time_step: StepFn, batch: in
     return rates
 
 
+def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, crop,
+                    precision: Precision, device: torch.device):
+    """One training step (forward in ``precision``, the loss on the cropped mask logits, backward,
+    AdamW) of a copy of ``model`` on the fixed batch ``x``, ``y``: what the probe and the benchmarks time."""
+    m = copy.deepcopy(model).to(device=device, memory_format=precision.memory_format).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+    xb = x.contiguous(memory_format=precision.memory_format)
+
+    def step():
+        with precision.autocast(device):
+            out = m(xb)
+        loss = loss_fn(crop(split_output(out)[0]).float(), y)  # a classifier's logit costs nothing here
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
 def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, crop,
                     device: torch.device, steps: int = 2, min_seconds: float = 1.5) -> StepFn:
     """A ``time_step`` for :func:`probe_cpu` on a copy of the real model and a real batch (one copy
@@ -365,22 +386,7 @@ def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     prepared: dict[tuple, object] = {}
 
     def prepare(dtype: str | None, channels_last: bool, n: int):
-        p = Precision(dtype, channels_last)
-        m = copy.deepcopy(model).to(device=device, memory_format=p.memory_format).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=p.needs_scaler)
-        xb = x[:n].contiguous(memory_format=p.memory_format)
-        yb = y[:n]
-
-        def step():
-            with p.autocast(device):
-                out = m(xb)
-            loss = loss_fn(crop(split_output(out)[0]).float(), yb)  # a classifier's logit costs nothing here
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
+        step = make_train_step(model, x[:n], y[:n], loss_fn, crop, Precision(dtype, channels_last), device)
         step()  # warm-up: oneDNN / cuDNN primitive creation
         _sync(device)
         return step
