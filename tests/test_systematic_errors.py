@@ -1,0 +1,48 @@
+"""bench/systematic_errors.py: the score lost per kind of image, from hand-made per-image scores."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    sys.path.insert(0, str(BENCH))  # the script imports bench/common.py
+    try:
+        spec = importlib.util.spec_from_file_location("systematic_errors", BENCH / "systematic_errors.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod.summarize
+
+
+def test_score_lost_splits_by_kind_and_finds_what_every_run_misses(summarize):
+    masks = np.zeros((5, 10, 10), bool)
+    masks[1, :1] = True      # 10% salt: coverage bin 10-20%
+    masks[2, :5] = True      # 50%: bin 50-60%
+    masks[3] = True          # 100%: bin 90-100%
+    masks[4, 0, :5] = True   # 5%: bin 0-10%
+    scores = np.array([[0.0, 0.0, 0.5, 1.0, 0.0],    # run 1: a false positive on the empty image
+                       [1.0, 0.0, 0.7, 0.0, 0.0]])   # run 2: not on it, the full mask missed
+    r = summarize(["e", "a", "b", "c", "d"], scores, masks, ["r1", "r2"])
+    assert r["mean_score"] == pytest.approx(scores.mean(), abs=1e-4)
+    run1, run2 = r["per_run"]
+    assert run1["empty truth, salt predicted"] == pytest.approx(1 / 5)
+    assert run1["salt, scored 0"] == pytest.approx(2 / 5) and run1["salt, partly right"] == pytest.approx(0.5 / 5)
+    assert run2["empty truth, salt predicted"] == 0 and run2["salt, scored 0"] == pytest.approx(3 / 5)
+    for run, s in zip(r["per_run"], scores, strict=True):  # the kinds add up to all the score lost
+        lost = run["empty truth, salt predicted"] + run["salt, scored 0"] + run["salt, partly right"]
+        assert lost == pytest.approx(1 - s.mean(), abs=2e-4)
+    every = r["scored_0_by_every_run"]
+    assert every["images"] == 2 and every["empty_truth"] == 0
+    assert [x["id"] for x in every["with_salt"]] == ["a", "d"]
+    bins = {b["bin"]: b for b in r["by_coverage"]}
+    assert bins["empty"]["scored_0_per_run"] == 0.5 and bins["empty"]["scored_0_by_every_run"] == 0
+    assert bins["90-100%"]["scored_0_per_run"] == 0.5 and bins["0-10%"]["scored_0_by_every_run"] == 1
+    assert bins["20-30%"]["n"] == 0 and bins["20-30%"]["mean_score"] is None
