@@ -56,6 +56,8 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"low_res_size": 64, "mid_res_size": 96, "low_res_fraction": 0.6, "mid_res_fraction": 0.5}},
      "train.low_res_fraction 0.6 + train.mid_res_fraction 0.5 is more than all the epochs"),
     ({"train": {"empty_fraction": 0}}, "train.empty_fraction"),
+    ({"model": {"zero_init_residual": True, "encoder_weights": "imagenet"}}, "model.zero_init_residual is for smp"),
+    ({"model": {"zero_init_residual": True, "arch": "plain_unet"}}, "model.zero_init_residual is for smp"),
     ({"train": {"empty_fraction": 1.5}}, "train.empty_fraction"),
     ({"train": {"low_res_mode": "zoom"}}, "train.low_res_mode"),
     ({"train": {"val_every": 0}}, "train.val_every = 0"),
@@ -249,6 +251,30 @@ def test_shallower_encoder_on_a_smaller_input():
     assert flops[0] < 0.65 * flops[1]
     # the plain baselines downsample 4 times: 112 is enough for them
     assert C.load_config("demo", ["input.pad_to=112"])["input"]["pad_to"] == 112
+
+
+def test_zero_init_residual_starts_blocks_as_identity_and_changes_nothing_else():
+    """Only the last batch-norm scale of each residual block differs from the default initialisation
+    at the same seed (no random number drawn), so an A/B of the option compares that alone."""
+    from tgs_salt.models import zero_init_residual
+
+    cfg = C.load_config("cpu_budget", ["model.zero_init_residual=true"])
+    torch.manual_seed(0)
+    base = build_model(dict(cfg["model"], zero_init_residual=False), 3).state_dict()
+    torch.manual_seed(0)
+    zeroed = build_model(cfg["model"], 3)
+    changed = {k for k, v in zeroed.state_dict().items() if not torch.equal(v, base[k])}
+    # encoder_depth 4 keeps layer1-3 of resnet18: 3 stages of 2 blocks
+    assert changed == {f"encoder.layer{i}.{j}.bn2.weight" for i in (1, 2, 3) for j in (0, 1)}
+    assert all(not zeroed.state_dict()[k].any() for k in changed)
+    assert all(base[k].abs().min() > 0 for k in changed)
+    # each block then returns relu(x + shortcut(x)): the identity on a non-negative input
+    block = zeroed.encoder.layer1[0].eval()
+    x = torch.rand(2, 64, 8, 8)
+    assert torch.equal(block(x), x)
+    with pytest.raises(UserError, match="no ResNet residual blocks"):
+        zero_init_residual(build_model(dict(cfg["model"], encoder="mobilenet_v2", zero_init_residual=False), 3).encoder,
+                           "mobilenet_v2")
 
 
 def test_hypercolumn_decoder_fuses_every_block():

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "cls_head": False,              # empty / non-empty classifier on the deepest features; empties masks
         "hypercolumn": False,           # Unet: every decoder block's output, upsampled and fused, feeds the head
         "deep_supervision": False,      # Unet: mask logits from every earlier decoder block join the training loss
+        "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
+                                        # starts at 0 (the block starts as the identity; Goyal et al. 2017)
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -134,6 +136,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "cls_head"): (bool, None, None, False),
     ("model", "hypercolumn"): (bool, None, None, False),
     ("model", "deep_supervision"): (bool, None, None, False),
+    ("model", "zero_init_residual"): (bool, None, None, False),
     ("input", "resize"): (int, 16, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),

@@ -76,6 +76,9 @@ def check_model_config(m: dict, where: str = "config") -> None:
     for key in ("hypercolumn", "deep_supervision"):
         if m.get(key) and m["arch"] != "Unet":
             raise UserError(f"config {where}: model.{key} is for arch Unet (got {m['arch']})")
+    if m.get("zero_init_residual") and (m["arch"] not in SMP_ARCHS or m["encoder_weights"] not in (None, "null")):
+        raise UserError(f"config {where}: model.zero_init_residual is for smp ResNet encoders trained from scratch "
+                        f"(model.encoder_weights: null; got arch {m['arch']}, encoder_weights {m['encoder_weights']!r})")
     if m["cls_head"] and m["arch"] == "fcn":
         raise UserError(f"config {where}: model.cls_head is not available for fcn; use a U-Net")
     w = m["encoder_weights"]
@@ -265,7 +268,24 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         model.decoder = UnetSideDecoder(model.decoder, list(m["decoder_channels"]), bool(m.get("hypercolumn")),
                                         bool(m.get("deep_supervision")))
     _drop_unused_stages(model, kwargs["encoder_depth"], in_channels)
+    if m.get("zero_init_residual"):
+        zero_init_residual(model.encoder, m["encoder"])
     return model
+
+
+def zero_init_residual(encoder: nn.Module, name: str = "encoder") -> int:
+    """Zero the scale of the last batch norm of every ResNet residual block (torchvision's
+    ``zero_init_residual``, which smp does not expose): each block starts as the identity plus its
+    shortcut. Draws no random numbers, so the rest of the initialisation is unchanged. Returns the
+    number of blocks; a UserError when the encoder has none."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    blocks = [b for b in encoder.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    if not blocks:
+        raise UserError(f"model.zero_init_residual: encoder {name} has no ResNet residual blocks")
+    with torch.no_grad():
+        for b in blocks:
+            (b.bn3 if isinstance(b, Bottleneck) else b.bn2).weight.zero_()
+    return len(blocks)
 
 
 def _drop_unused_stages(model: nn.Module, depth: int, in_channels: int) -> None:
