@@ -76,6 +76,8 @@ def main() -> None:
     for r, path in zip(runs, a.results, strict=True):
         if r["ids"] != ids:
             raise SystemExit(f"error: {path}: other held-out images than {a.results[0]}")
+        if a.score not in r:  # results recorded before the choice's own held-out score was kept
+            raise SystemExit(f"error: {path}: keeps no per-image '{a.score}' scores; use --score default or nested")
     train = load_train(a.data_dir)
     index = {i: k for k, i in enumerate(train.ids)}
     missing = [i for i in ids if i not in index]

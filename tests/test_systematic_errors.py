@@ -46,3 +46,20 @@ def test_score_lost_splits_by_kind_and_finds_what_every_run_misses(summarize):
     assert bins["empty"]["scored_0_per_run"] == 0.5 and bins["empty"]["scored_0_by_every_run"] == 0
     assert bins["90-100%"]["scored_0_per_run"] == 0.5 and bins["0-10%"]["scored_0_by_every_run"] == 1
     assert bins["20-30%"]["n"] == 0 and bins["20-30%"]["mean_score"] is None
+
+
+def test_scores_a_result_did_not_keep_are_a_clear_error(tmp_path):
+    """Results recorded before the choice's own held-out score was kept have no 'policy' scores:
+    --score policy on them exits 1 naming the file, before any data is read, and writes nothing."""
+    import json
+    import subprocess
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"per_image": {"ids": ["a", "b"], "default": [1.0, 0.0], "nested": [1.0, 0.0],
+                                             "nested_method": "halves"}}))
+    p = subprocess.run([sys.executable, str(BENCH / "systematic_errors.py"), "x_test", str(old),
+                        "--data-dir", str(tmp_path / "absent"), "--score", "policy"],
+                       capture_output=True, text=True, cwd=BENCH, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"error: {old}: keeps no per-image 'policy' scores" in p.stderr
+    assert not list((BENCH / "results").glob("systematic_errors_x_test*"))
