@@ -276,8 +276,8 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
 def zero_init_residual(encoder: nn.Module, name: str = "encoder") -> int:
     """Zero the scale of the last batch norm of every ResNet residual block (torchvision's
     ``zero_init_residual``, which smp does not expose): each block starts as its shortcut alone
-    (the identity where there is no downsampling). Draws no random numbers, so the rest of the initialisation is unchanged. Returns the
-    number of blocks; a UserError when the encoder has none."""
+    (the identity where there is no downsampling). Draws no random numbers, so the rest of the
+    initialisation is unchanged. Returns the number of blocks; a UserError when the encoder has none."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     blocks = [b for b in encoder.modules() if isinstance(b, (BasicBlock, Bottleneck))]
     if not blocks:
