@@ -268,7 +268,7 @@ def test_zero_init_residual_starts_blocks_as_identity_and_changes_nothing_else()
     assert changed == {f"encoder.layer{i}.{j}.bn2.weight" for i in (1, 2, 3) for j in (0, 1)}
     assert all(not zeroed.state_dict()[k].any() for k in changed)
     assert all(base[k].abs().min() > 0 for k in changed)
-    # each block then returns relu(x + shortcut(x)): the identity on a non-negative input
+    # each block then returns relu(shortcut(x)); layer1[0] does not downsample: the identity on x >= 0
     block = zeroed.encoder.layer1[0].eval()
     x = torch.rand(2, 64, 8, 8)
     assert torch.equal(block(x), x)
