@@ -59,6 +59,9 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"model": {"zero_init_residual": True, "encoder_weights": "imagenet"}}, "model.zero_init_residual is for smp"),
     ({"model": {"zero_init_residual": True, "arch": "plain_unet"}}, "model.zero_init_residual is for smp"),
     ({"train": {"empty_fraction": 1.5}}, "train.empty_fraction"),
+    ({"train": {"small_mask_weight": 0}}, "train.small_mask_weight = 0; a number > 0"),
+    ({"train": {"small_mask_coverage": 1.5}}, "train.small_mask_coverage"),
+    ({"train": {"small_mask_coverage": 0}}, "train.small_mask_coverage"),
     ({"train": {"low_res_mode": "zoom"}}, "train.low_res_mode"),
     ({"train": {"val_every": 0}}, "train.val_every = 0"),
     ({"train": {"val_every": 1.5}}, "train.val_every"),
@@ -167,6 +170,53 @@ def test_weighted_sum_of_losses():
     assert float(get_loss("2*dice")(x, y)) == pytest.approx(2 * float(dice(x, y)), rel=1e-6)
     with pytest.raises(UserError, match="unknown loss 'focal' in 'bce\\+focal'"):
         get_loss("bce+focal")
+
+
+@pytest.mark.parametrize("name", [*LOSSES, "bce + 0.5*lovasz_symmetric"])
+def test_weighted_loss_counts_an_image_of_weight_2_as_if_it_were_in_the_batch_twice(name):
+    """With ``weight`` the per-image losses are averaged with those weights: weight (2, 1, 1, 1)
+    gives the loss, and the gradient, of the batch with its first image twice; all ones give the
+    unweighted loss; a weight on one image moves the loss towards that image's."""
+    torch.manual_seed(1)
+    y = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    y[1] = 0
+    y[2, :, 5:7, 5:7] = 1
+    y[2, :, 7:, :] = 0
+    x = torch.randn(4, 1, 16, 16)
+    fn = get_loss(name)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = fn(a, y, torch.tensor([2.0, 1.0, 1.0, 1.0]))
+    want = fn(torch.cat([b[:1], b]), torch.cat([y[:1], y]))
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-8)
+    assert fn(x, y, torch.ones(4)).item() == pytest.approx(fn(x, y).item(), rel=1e-5)
+    alone = [fn(x[i:i + 1], y[i:i + 1]).item() for i in range(4)]
+    heavy = fn(x, y, torch.tensor([1.0, 1.0, 100.0, 1.0])).item()
+    assert abs(heavy - alone[2]) < abs(fn(x, y).item() - alone[2])
+
+
+def test_small_mask_weights_pick_the_masks_by_coverage():
+    """train.small_mask_weight w: masks covering more than 0 and at most small_mask_coverage of
+    the image weigh w (coverage 1/16 and exactly 0.1 here), empty and larger ones 1; w = 1 is no
+    weighting at all (None: the unweighted losses). batch_loss passes the weights to the mask loss."""
+    from tgs_salt.train import batch_loss, small_mask_weights
+    from tgs_salt.transforms import Geometry
+
+    y = torch.zeros(4, 1, 10, 10)
+    y[1, :, :2, :5] = 1  # 0.1
+    y[2, :, :5, :5] = 1  # 0.25
+    y[3, :, :1, :1] = 1  # 0.01
+    t = {"small_mask_weight": 3.0, "small_mask_coverage": 0.1}
+    assert small_mask_weights(y, t).tolist() == [1.0, 3.0, 1.0, 3.0]
+    assert small_mask_weights(y, dict(t, small_mask_coverage=0.25)).tolist() == [1.0, 3.0, 3.0, 3.0]
+    assert small_mask_weights(y, dict(t, small_mask_weight=1.0)) is None
+    x = torch.randn(4, 1, 10, 10)
+    geo = Geometry(10, 10)
+    loss = batch_loss(x, None, None, y, geo, lovasz_symmetric, bce, dict(t, side_loss_weight=0.1))
+    assert loss.item() == pytest.approx(lovasz_symmetric(x, y, torch.tensor([1.0, 3.0, 1.0, 3.0])).item(), rel=1e-6)
+    assert loss.item() != pytest.approx(lovasz_symmetric(x, y).item(), rel=1e-3)
 
 
 def test_ema_averages_weights_and_copies_counters():

@@ -91,6 +91,8 @@ DEFAULTS: dict[str, Any] = {
                                         # one per core; the cores shared out as threads; BatchNorm per process)
         "grad_clip": None,
         "cls_loss_weight": 0.1,         # weight of the classifier's BCE (with model.cls_head)
+        "small_mask_weight": 1.0,       # weight in the mask loss of each image whose salt covers more than 0 and at
+        "small_mask_coverage": 0.1,     # most this share of it (1: every image alike, the unweighted losses)
         "side_loss": "bce",             # loss of each deep-supervision side output (model.deep_supervision)
         "side_loss_weight": 0.1,        # its weight, per side output
         "tensorboard": False,           # scalars and the worst validation predictions per epoch (pip install tensorboard)
@@ -172,6 +174,8 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "grad_clip"): (float, "(0", 1e9, True),
     ("train", "cls_loss_weight"): (float, 0, 100, False),
     ("train", "side_loss_weight"): (float, 0, 100, False),
+    ("train", "small_mask_weight"): (float, "(0", 100, False),
+    ("train", "small_mask_coverage"): (float, "(0", 1, False),
     ("train", "tensorboard"): (bool, None, None, False),
     ("train", "ema"): (float, "(0", 0.999999, True),
     ("train", "pseudo_confidence"): (float, 0, 1, False),

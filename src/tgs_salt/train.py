@@ -287,15 +287,30 @@ def next_epoch(epoch: int, starts: list[int], since_best: int, early_stopping: i
     return nxt, nxt < n_epochs and nxt >= starts[stage + 1]
 
 
+def small_mask_weights(y: torch.Tensor, t: dict) -> torch.Tensor | None:
+    """Per image of the target batch ``y`` (B, 1, H, W): ``train.small_mask_weight`` where the mask's
+    salt covers more than 0 and at most ``train.small_mask_coverage`` of its pixels, else 1; None
+    when the weight is 1 (the unweighted losses, unchanged)."""
+    if t["small_mask_weight"] == 1:
+        return None
+    cover = y.flatten(1).float().mean(1)
+    small = (cover > 0) & (cover <= t["small_mask_coverage"])
+    return torch.where(small, float(t["small_mask_weight"]), 1.0).to(y.device, torch.float32)
+
+
 def batch_loss(out, label, side, y, geo, loss_fn, side_fn, t: dict) -> torch.Tensor:
     """The training loss of one batch: the stage's loss on the (cropped) mask logits, plus each
     deep-supervision side output's (upsampled to the output's size, then cropped) and the empty /
-    non-empty classifier's BCE, with their weights from the train config."""
+    non-empty classifier's BCE, with their weights from the train config. With
+    ``train.small_mask_weight`` w != 1 the mask losses weigh each image whose (augmented) mask
+    covers more than 0 and at most ``train.small_mask_coverage`` of it w times the others."""
     F = torch.nn.functional
-    loss = loss_fn(geo.crop(out).float(), y)
+    w = small_mask_weights(y, t)
+    weight = () if w is None else (w,)
+    loss = loss_fn(geo.crop(out).float(), y, *weight)
     for s in side or []:  # each earlier decoder block's logits against the same mask
         up = F.interpolate(s.float(), size=out.shape[2:], mode="bilinear", align_corners=False)
-        loss = loss + t["side_loss_weight"] * side_fn(geo.crop(up), y)
+        loss = loss + t["side_loss_weight"] * side_fn(geo.crop(up), y, *weight)
     if label is not None:  # empty / non-empty classifier, trained jointly
         has_salt = y.flatten(1).amax(1, keepdim=True)
         loss = loss + t["cls_loss_weight"] * F.binary_cross_entropy_with_logits(label.float(), has_salt)
