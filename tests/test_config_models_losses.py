@@ -199,7 +199,7 @@ def test_weighted_loss_counts_an_image_of_weight_2_as_if_it_were_in_the_batch_tw
 
 def test_small_mask_weights_pick_the_masks_by_coverage():
     """train.small_mask_weight w: masks covering more than 0 and at most small_mask_coverage of
-    the image weigh w (coverage 1/16 and exactly 0.1 here), empty and larger ones 1; w = 1 is no
+    the image weigh w (coverage 0.01 and exactly 0.1 here), empty and larger ones 1; w = 1 is no
     weighting at all (None: the unweighted losses). batch_loss passes the weights to the mask loss."""
     from tgs_salt.train import batch_loss, small_mask_weights
     from tgs_salt.transforms import Geometry
