@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The test command: sets up the environment when needed, then runs pytest (extra args pass through).
+# One pytest worker per usable core, at most 4 (pytest-xdist; each worker uses one torch thread): most
+# of the suite's time is single-threaded (process start-up, small subprocess trainings). TGS_TEST_WORKERS
+# overrides the count (0: no workers, everything in this process); so does a -n in the arguments.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/ensure_env.sh
-exec python -m pytest -q "$@"
+workers="${TGS_TEST_WORKERS:-$(python -c 'import os; n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1; print(min(n, 4) if n > 1 else 0)')}"
+exec python -m pytest -q -n "$workers" --dist worksteal "$@"
