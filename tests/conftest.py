@@ -16,12 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # run_tests.sh runs one pytest worker per core (pytest-xdist): one torch thread each, or the
-    # in-process trainings of two workers would fight over the same cores (measured: 610 s with two
-    # threads per worker, 519 s with one, on a 2-core AVX2 host)
+    # in-process trainings of two workers would fight over the same cores (the whole suite on a 2-core
+    # AVX2 host: 610 s with two threads per worker, 519 s with one)
     import torch
 
     torch.set_num_threads(1)
-
 
 
 def pytest_unconfigure(config):
