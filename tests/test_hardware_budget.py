@@ -321,6 +321,42 @@ def test_real_probe_times_every_candidate_on_a_small_model():
     assert p.rates[p.name] == max(p.rates.values())
 
 
+def test_probe_effort_scales_with_a_budget_under_an_hour():
+    assert B.probe_effort(None) == 1.0 and B.probe_effort(60) == 1.0 and B.probe_effort(600) == 1.0
+    assert B.probe_effort(6) == pytest.approx(0.1) and B.probe_effort(1) == pytest.approx(1 / 60)
+
+
+@pytest.mark.parametrize("budget, want", [(None, 1.0), (3, 0.05)])
+def test_setup_precision_shortens_the_probe_under_a_short_budget(tmp_path, synth_dir, monkeypatch, budget, want):
+    """Every step timer the probe makes (all precisions, the low and middle resolutions) lasts
+    1.5 s x the effort, and the probe's extra rounds stop after 60 s x the effort: a 1-min budget
+    no longer spends a third of itself on the measurement."""
+    from tgs_salt import config as C
+    from tgs_salt import train as T
+    from tgs_salt.data import load_train
+
+    seen_min, seen_max = [], []
+    make_timer, choose = H.make_step_timer, H.choose
+
+    def spy_timer(*a, **k):
+        seen_min.append(k["min_seconds"])
+        return make_timer(*a, **{**k, "min_seconds": 0})
+
+    def spy_choose(*a, **k):
+        seen_max.append(k["max_seconds"])
+        return choose(*a, **k)
+
+    monkeypatch.setattr(H, "make_step_timer", spy_timer)
+    monkeypatch.setattr(H, "choose", spy_choose)
+    cfg = C.load_config(str(tiny_config(tmp_path, train={"amp": False, "channels_last": "auto",  # 2 candidates
+                                                         "low_res_size": 64, "mid_res_size": 96})))
+    data = load_train(synth_dir)
+    idx = np.arange(len(data.ids))
+    out = T.setup_precision(tmp_path / "run", cfg, CPU, data, idx[:40], idx[40:], want_rates=True, budget_min=budget)
+    assert seen_min == pytest.approx([1.5 * want] * 3) and seen_max == pytest.approx([60.0 * want])
+    assert out["low_res"]["size"] == 64 and out["mid_res"]["size"] == 96 and out["train_rate"] > 0
+
+
 def test_fp16_with_grad_scaler_runs_on_cpu(tmp_path, synth_dir):
     """The CUDA pre-Ampere path (fp16 autocast + GradScaler), forced on the CPU."""
     from tgs_salt import config as C
@@ -673,20 +709,21 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     cost. The fold trains its first epochs at the low size, then at the middle one, re-planned after
     each, and never goes back to an earlier size; interrupted after its first validated epoch (the
     first best.pt: the last low-res one), it resumes under the same plan; a different budget for the
-    same run directory is refused. (One budgeted run for all of it: each spends its whole budget. 1.5 min:
-    on a slow 2-core host, under a second pytest worker, the probe alone took 43 s of a 1-min budget.)"""
+    same run directory is refused. (One budgeted run for all of it: each spends its whole budget. Under a
+    1-min budget the probe shortens its timings to 1/60 of theirs: 12 s against 28 s at full effort on
+    a 2-core AVX2 host, where the full probe under a second pytest worker once took 43 s of the minute.)"""
     cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
                                        "low_res_size": 64, "low_res_fraction": 0.4,
                                        "mid_res_size": 96, "mid_res_fraction": 0.3},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
-    args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1.5",
+    args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
             "--device", "cpu", "--threads", "1"]
     rc, err = interrupt_when(cli_cmd(*args), run / "fold0" / "best.pt")
     assert rc == 130, err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
-    assert "time plan: 1.5 min budget" in err and "at low resolution" in err and "at the middle one" in err
+    assert "time plan: 1 min budget" in err and "at low resolution" in err and "at the middle one" in err
     assert not (run / "fold0" / "done.json").exists()
     assert len(prec["precision"]["rates"]) == 4 and prec["train_rate"] > 0 and prec["eval_rate"] > 0
     assert prec["low_res"]["size"] == 64 and prec["low_res"]["train_rate"] >= prec["train_rate"]
@@ -710,7 +747,7 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     assert n_low >= 2 and n_mid >= 1 and px == [64] * n_low + [96] * n_mid + [128] * (len(px) - n_low - n_mid)
     assert len(px) > n_low + n_mid, px
     r = run_cli(*args[:-4], "--time-budget", "5", "--device", "cpu", "--force")
-    assert r.returncode == 2 and "planned for a 1.5 min budget" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "planned for a 1 min budget" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("build, want", [

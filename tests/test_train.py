@@ -327,10 +327,9 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res(tmp_path, synth
     score masks) scaled to that size (or windows of that size); later epochs, validation and OOF use
     the full input."""
     seen = _spy_input_sizes(monkeypatch)
-    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
              "low_res_mode": mode, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
-    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112}, train=train)
     assert C.low_res_epochs(cfg) == 2
     train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
     train_sizes = [s for training, s in seen if training]
@@ -346,10 +345,9 @@ def test_a_middle_resolution_phase_follows_the_low_res_one(tmp_path, synth_dir, 
     """train.mid_res_size: after the low-resolution epochs, round(mid_res_fraction x epochs) train at
     the middle size, then the rest at full size; validation and OOF stay at full size."""
     seen = _spy_input_sizes(monkeypatch)
-    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.4,
              "mid_res_size": 96, "mid_res_fraction": 0.2, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
-    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112}, train=train)
     assert C.low_res_epochs(cfg) == 2 and C.mid_res_epochs(cfg) == 1
     train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
     assert [s for training, s in seen if training] == [64] * 4 + [96] * 2 + [112] * 4
@@ -362,10 +360,9 @@ def test_a_plan_that_grows_never_sends_a_fold_back_to_an_earlier_phase(tmp_path,
     by the shares, but a fold at the middle size never goes back to the low one,
     nor a full-size one to the middle; the calibrator is told the phase each epoch trained in."""
     seen = _spy_input_sizes(monkeypatch)
-    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 1, "low_res_size": 64, "low_res_fraction": 0.4,
              "mid_res_size": 96, "mid_res_fraction": 0.4, "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
-    cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112}, train=train)
+    cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112}, train=train)
     told = []
 
     def calibrate(done, seconds, phase):
@@ -410,12 +407,11 @@ def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, 
     calls = []
     evaluate = T.evaluate
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
-    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.6,
              "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 5}]}
     weights, logs = {}, {}
     for validate in (False, True):
-        cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112},
+        cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112},
                                   train=dict(train, low_res_validate=validate))
         assert C.low_res_epochs(cfg) == 3
         calls.clear()
@@ -456,12 +452,11 @@ def test_val_every_validates_every_nth_full_size_epoch_back_from_the_last(tmp_pa
         return evaluate(*a, **k)
 
     monkeypatch.setattr(T, "evaluate", slow_evaluate)
-    model = {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 4, "decoder_channels": [16, 8, 8, 8]}
     train = {"batch_size": 8, "select": "last", "max_train_batches": 2, "low_res_size": 64, "low_res_fraction": 0.25,
              "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 8}]}
     weights, logs, seconds = {}, {}, {}
     for every in (1, 3):
-        cfg, data, folds = _setup(tmp_path, synth_dir, model=model, input={"resize": 101, "pad_to": 112},
+        cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112},
                                   train=dict(train, val_every=every))
         assert C.low_res_epochs(cfg) == 2
         calls.clear()

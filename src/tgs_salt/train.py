@@ -762,10 +762,11 @@ def read_precision(run_dir: Path) -> dict | None:
 
 
 def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_idx: np.ndarray,
-                    val_idx: np.ndarray, want_rates: bool) -> dict:
+                    val_idx: np.ndarray, want_rates: bool, budget_min: float | None = None) -> dict:
     """The run's precision and layout (probed on CPU when the config says auto) and the measured
     rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
-    device with the same settings."""
+    device with the same settings. Under a time budget shorter than an hour the probe's timings are
+    shortened in proportion (:func:`budget.probe_effort`)."""
     t = cfg["train"]
     settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last", "cpu_malloc")}
     facts = _device_facts(device)
@@ -791,9 +792,12 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     rows = train_idx[:batch]
     x = builder(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
     y = builder.target(torch.from_numpy(data.masks[rows]).to(device))
-    timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device)
+    effort = B.probe_effort(budget_min)
+    min_s = 1.5 * effort  # make_step_timer's default: a timing lasts 1.5 s (2-5 steps) at full effort
+    timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device,
+                                     min_seconds=min_s)
     cap = facts.get("capability")
-    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None)
+    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None, max_seconds=60.0 * effort)
     train_rate = prec.rates.get(prec.name)
     if want_rates and train_rate is None:
         train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
@@ -813,7 +817,7 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
                 xs = sb(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
                 ys = sb.target(torch.from_numpy(data.masks[rows]).to(device))
                 timers[key] = hardware.make_step_timer(model, xs, ys, get_loss(t["stages"][0]["loss"]), sb.geo.crop,
-                                                       device)
+                                                       device, min_seconds=min_s)
             # the best of 3 alternating timings at each size: a busy neighbour must not make the small
             # input look dearer than the full one (one contended timing said 4x)
             times: dict[str, list[float]] = {key: [] for key in (*timers, "full")}
@@ -996,7 +1000,8 @@ def train_command(args) -> int:
             tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
             need_plan = budget_min is not None and B.read_plan(run_dir) is None
             if ctx.is_main:
-                info = setup_precision(run_dir, cfg, device, data, tr, va, want_rates=need_plan)
+                info = setup_precision(run_dir, cfg, device, data, tr, va, want_rates=need_plan,
+                                       budget_min=budget_min)
             barrier(ctx)
             info = read_precision(run_dir) if not ctx.is_main else info
             precision = Precision.from_dict(info["precision"])
