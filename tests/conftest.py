@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-# Keep tests from touching the repository's caches, folds, runs and submissions.
-_TMP = Path(tempfile.mkdtemp(prefix="tgs-tests-"))
-for _name in ("CACHE", "FOLDS", "RUNS", "SUBMISSIONS"):
-    os.environ[f"TGS_{_name}_DIR"] = str(_TMP / _name.lower())
+# Keep tests from touching the repository's caches, folds, runs and submissions: each pytest process
+# (the xdist controller and every worker) makes its own folders. A process that a test starts with
+# multiprocessing (test_ddp's ranks) imports this file too: it keeps the folders of the pytest process
+# it came from, inherited through the environment, and makes none (it would never remove them).
+_TMP = None
+_ME = os.environ.get("PYTEST_XDIST_WORKER", "main")
+if os.environ.get("TGS_TESTS_TMP_OF") != _ME:
+    _TMP = Path(tempfile.mkdtemp(prefix="tgs-tests-"))
+    os.environ["TGS_TESTS_TMP_OF"] = _ME
+    for _name in ("CACHE", "FOLDS", "RUNS", "SUBMISSIONS"):
+        os.environ[f"TGS_{_name}_DIR"] = str(_TMP / _name.lower())
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +31,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_TMP, ignore_errors=True)  # each pytest process (and xdist worker) removes its own
+    if _TMP is not None:
+        shutil.rmtree(_TMP, ignore_errors=True)  # each pytest process (and xdist worker) removes its own
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -110,56 +110,15 @@ def _setup(tmp_path, synth_dir, **sections):
     return cfg, data, folds
 
 
-def test_resume_after_ctrl_c_gives_the_same_weights(tmp_path, synth_dir):
-    """A real process interrupted by SIGINT after its first checkpoint resumes to the very weights
-    and log of an uninterrupted run."""
-    cfg = tiny_config(tmp_path, train={"ema": 0.9, "stages": [{"loss": "bce_dice", "epochs": 3},
-                                                               {"loss": "bce + 0.5*lovasz_symmetric", "epochs": 2}]},
-                      folds={"k": 3, "seed": 1, "train_folds": [0]})  # the averaged weights are resumed too
-    common = ["train", "--config", cfg, "--data-dir", synth_dir, "--device", "cpu", "--threads", "1"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    r = run_cli(*common, "--run-dir", a)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rc, err = interrupt_when(cli_cmd(*common, "--run-dir", b), b / "fold0" / "last.pt")
-    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
-    assert (b / "fold0" / "last.pt").exists() and not (b / "fold0" / "done.json").exists()
-    assert not list((b / "fold0").glob(".*tmp*"))  # no half-written checkpoint left
-    r = run_cli(*common, "--run-dir", b)  # an unfinished fold is not silently restarted
-    assert r.returncode != 0 and "--resume" in r.stderr
-    r = run_cli(*common, "--run-dir", b, "--resume")
-    assert r.returncode == 0 and "resuming at epoch" in r.stderr, r.stderr[-3000:]
-    wa = torch.load(a / "fold0" / "best.pt", weights_only=True)
-    wb = torch.load(b / "fold0" / "best.pt", weights_only=True)
-    assert wa["epoch"] == wb["epoch"]
-    for k in wa["model"]:
-        assert torch.equal(wa["model"][k], wb["model"][k]), k
-    la = pd.read_csv(a / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
-    lb = pd.read_csv(b / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
-    pd.testing.assert_frame_equal(la, lb)
+def test_saved_config_missing_a_new_default_key_is_no_change(trained, synth_dir):
+    import yaml
 
-
-def test_stage_and_early_stopping_rule():
-    starts = [0, 4, 7]  # stage 0: epochs 0-3, stage 1: 4-6
-    assert next_epoch(0, starts, 0, None) == (1, False)
-    assert next_epoch(3, starts, 0, None) == (4, True)       # the stage switch
-    assert next_epoch(6, starts, 0, None) == (7, False)      # the end: no new stage
-    assert next_epoch(1, starts, 2, 2) == (4, True)          # 2 epochs without gain: stage 0 ends early
-    assert next_epoch(1, starts, 1, 2) == (2, False)
-    assert next_epoch(5, starts, 2, 2) == (7, False)         # in the last stage it ends the fold
-    assert next_epoch(3, starts, 5, 2) == (4, True)          # already at the boundary: nothing to skip
-    assert observe(0.5, 0.4, 3) == (True, 0.5, 0)
-    assert observe(0.4, 0.4, 3) == (False, 0.4, 4)          # a tie is no gain
-
-
-def test_nan_loss_stops_with_clear_error(tmp_path, synth_dir, monkeypatch):
-    cfg, data, folds = _setup(tmp_path, synth_dir, train={
-        "batch_size": 8, "stages": [{"loss": "bce", "epochs": 1}, {"loss": "dice", "epochs": 1}]})
-    monkeypatch.setitem(losses.LOSSES, "dice", lambda x, y: (x * float("nan")).mean())
-    with pytest.raises(TrainingError) as e:
-        train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
-    assert "nan" in str(e.value) and "epoch 2" in str(e.value)
-    ck = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=True)
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    cfg_path, run_dir = trained
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["model"]["norm"]   # as written by an older version of the code
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0")
+    assert r.returncode == 0 and "skipped" in r.stderr, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- CV report
@@ -213,6 +172,132 @@ def test_cv_errors(trained, tmp_path, synth_dir):
     assert r.returncode != 0 and "does not match the data" in r.stderr
 
 
+def test_compare_runs_paired(trained, synth_dir, tmp_path):
+    cfg_path, run_dir = trained
+    out = tmp_path / "cmp.json"
+    r = run_cli("compare", run_dir, run_dir, "--out", out, "--bootstrap", "500")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["nested_method"] == "tuned on the other folds" and res["n_images"] > 0
+    for k in ("default_threshold", "nested", "submitted"):
+        assert res[k]["gain"] == 0 and res[k]["ci95"] == [0, 0] and res[k]["base"] == res[k]["other"]
+    # per-image scores stored as JSON (as the ablation table keeps them) pair as the runs do
+    from tgs_salt.compare import paired, run_scores
+    from tgs_salt.errors import UserError
+
+    stored = json.loads(json.dumps(run_scores(run_dir)))
+    assert set(np.unique(stored["default"])) <= {round(0.1 * k, 4) for k in range(11)}
+    worse = {**stored, "default": [max(0.0, x - 0.1) for x in stored["default"]]}
+    p = paired(stored, worse, n_boot=200)
+    assert p["nested"]["gain"] == 0 and p["default_threshold"]["images_better"] == 0
+    assert p["default_threshold"]["gain"] == pytest.approx(np.mean(worse["default"]) - np.mean(stored["default"]))
+    # the submission's policy, its choice made held out (postprocess.policy_scores), when both sides kept it
+    assert len(stored["policy"]) == len(stored["ids"]) and "submitted" in p
+    assert "submitted" not in paired(stored, {k: v for k, v in worse.items() if k != "policy"}, n_boot=200)
+    with pytest.raises(UserError, match="different images"):
+        paired(stored, {**stored, "ids": stored["ids"][::-1]})
+    with pytest.raises(UserError, match="different groups of images"):
+        paired(stored, {**stored, "nested_method": "tuned on the other half of the held-out images"})
+    # a recorded result (bench/record_run.py keeps per_image) pairs against a run directory
+    rec = tmp_path / "recorded.json"
+    rec.write_text(json.dumps({"cv_score": 0.5, "per_image": worse}))
+    r = run_cli("compare", rec, run_dir, "--out", out, "--bootstrap", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["default_threshold"]["gain"] == pytest.approx(-p["default_threshold"]["gain"], abs=1e-6)
+    assert res["nested"]["gain"] == 0 and res["n_images"] == len(stored["ids"])
+    from tgs_salt.compare import stored_or_run_scores
+
+    for bad, msg in (({"cv_score": 0.5}, "no per-image scores"),
+                     ({"per_image": {**stored, "nested": stored["nested"][1:]}}, "ids but")):
+        rec.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=msg):
+            stored_or_run_scores(rec)
+    rec.write_text("not json")
+    r = run_cli("compare", rec, run_dir)
+    assert r.returncode != 0 and "not a run directory nor a JSON result" in r.stderr and "Traceback" not in r.stderr
+    # several pairs are pooled; runs come in pairs
+    rec.write_text(json.dumps({"per_image": worse}))
+    r = run_cli("compare", run_dir, rec, run_dir, run_dir, "--out", out, "--bootstrap", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [x["default_threshold"]["gain"] for x in res["pairs"]] == pytest.approx([p["default_threshold"]["gain"], 0])
+    pool = res["pooled"]["default_threshold"]
+    assert pool["gain"] == pytest.approx(p["default_threshold"]["gain"] / 2, abs=1e-6) and 1 <= pool["df"] < 2
+    assert "pooled over 2 pairs" in r.stdout and res["pooled"]["nested"]["ci95"] == [0, 0]
+    r = run_cli("compare", run_dir, rec, run_dir)
+    assert r.returncode != 0 and "in pairs" in r.stderr and "Traceback" not in r.stderr
+    # a list of runs is scored as their equal-weight average (bench/ensemble_gain.py): a run with itself is the run
+    from tgs_salt.compare import per_image
+
+    one, two = per_image(run_dir, None), per_image([run_dir, run_dir], None)
+    assert np.array_equal(one[0], two[0]) and np.allclose(one[1], two[1]) and np.allclose(one[2], two[2])
+    # a run over other folds cannot be paired
+    other = tmp_path / "other"
+    (other / "fold0").mkdir(parents=True)
+    for f in ("config.yaml", "run.json"):
+        (other / f).write_bytes((run_dir / f).read_bytes())
+    cfg = (other / "config.yaml").read_text().replace("train_folds:\n  - 0\n  - 1", "train_folds:\n  - 0")
+    (other / "config.yaml").write_text(cfg)
+    (other / "fold0" / "oof.npz").write_bytes((run_dir / "fold0" / "oof.npz").read_bytes())
+    r = run_cli("compare", run_dir, other)
+    assert r.returncode != 0 and "different images" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- resume and stopping
+
+def test_resume_after_ctrl_c_gives_the_same_weights(tmp_path, synth_dir):
+    """A real process interrupted by SIGINT after its first checkpoint resumes to the very weights
+    and log of an uninterrupted run."""
+    cfg = tiny_config(tmp_path, train={"ema": 0.9, "stages": [{"loss": "bce_dice", "epochs": 3},
+                                                               {"loss": "bce + 0.5*lovasz_symmetric", "epochs": 2}]},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})  # the averaged weights are resumed too
+    common = ["train", "--config", cfg, "--data-dir", synth_dir, "--device", "cpu", "--threads", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_cli(*common, "--run-dir", a)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, err = interrupt_when(cli_cmd(*common, "--run-dir", b), b / "fold0" / "last.pt")
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert (b / "fold0" / "last.pt").exists() and not (b / "fold0" / "done.json").exists()
+    assert not list((b / "fold0").glob(".*tmp*"))  # no half-written checkpoint left
+    r = run_cli(*common, "--run-dir", b)  # an unfinished fold is not silently restarted
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run_cli(*common, "--run-dir", b, "--resume")
+    assert r.returncode == 0 and "resuming at epoch" in r.stderr, r.stderr[-3000:]
+    wa = torch.load(a / "fold0" / "best.pt", weights_only=True)
+    wb = torch.load(b / "fold0" / "best.pt", weights_only=True)
+    assert wa["epoch"] == wb["epoch"]
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    la = pd.read_csv(a / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
+    lb = pd.read_csv(b / "fold0" / "log.csv").drop(columns=["seconds", "images_per_s"])
+    pd.testing.assert_frame_equal(la, lb)
+
+
+def test_stage_and_early_stopping_rule():
+    starts = [0, 4, 7]  # stage 0: epochs 0-3, stage 1: 4-6
+    assert next_epoch(0, starts, 0, None) == (1, False)
+    assert next_epoch(3, starts, 0, None) == (4, True)       # the stage switch
+    assert next_epoch(6, starts, 0, None) == (7, False)      # the end: no new stage
+    assert next_epoch(1, starts, 2, 2) == (4, True)          # 2 epochs without gain: stage 0 ends early
+    assert next_epoch(1, starts, 1, 2) == (2, False)
+    assert next_epoch(5, starts, 2, 2) == (7, False)         # in the last stage it ends the fold
+    assert next_epoch(3, starts, 5, 2) == (4, True)          # already at the boundary: nothing to skip
+    assert observe(0.5, 0.4, 3) == (True, 0.5, 0)
+    assert observe(0.4, 0.4, 3) == (False, 0.4, 4)          # a tie is no gain
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, synth_dir, monkeypatch):
+    cfg, data, folds = _setup(tmp_path, synth_dir, train={
+        "batch_size": 8, "stages": [{"loss": "bce", "epochs": 1}, {"loss": "dice", "epochs": 1}]})
+    monkeypatch.setitem(losses.LOSSES, "dice", lambda x, y: (x * float("nan")).mean())
+    with pytest.raises(TrainingError) as e:
+        train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert "nan" in str(e.value) and "epoch 2" in str(e.value)
+    ck = torch.load(tmp_path / "r" / "fold0" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
 def test_early_stopping_ends_the_stage(tmp_path, synth_dir):
     # a learning rate too small to change anything: the metric never improves after epoch 1
     cfg, data, folds = _setup(tmp_path, synth_dir, train={
@@ -247,17 +332,6 @@ def test_lr_schedules():
     other = LRController(cfg)
     other.load_state_dict(state)
     assert other.lr(2, 0.5) == lrc.lr(2, 0.5)
-
-
-def test_saved_config_missing_a_new_default_key_is_no_change(trained, synth_dir):
-    import yaml
-
-    cfg_path, run_dir = trained
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del saved["model"]["norm"]   # as written by an older version of the code
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    r = run_cli("train", "--config", cfg_path, "--data-dir", synth_dir, "--run-dir", run_dir, "--fold", "0")
-    assert r.returncode == 0 and "skipped" in r.stderr, r.stderr[-2000:]
 
 
 def test_committed_real_folds_are_reproducible(shared_data, tmp_path):
@@ -711,78 +785,6 @@ def test_pooled_interval_counts_the_spread_between_runs():
     moved = {**same[1][1], "ids": ids[::-1]}
     with pytest.raises(UserError, match="pair 2's other holds out other images"):
         pooled([same[0], (same[1][0], moved)])
-
-def test_compare_runs_paired(trained, synth_dir, tmp_path):
-    cfg_path, run_dir = trained
-    out = tmp_path / "cmp.json"
-    r = run_cli("compare", run_dir, run_dir, "--out", out, "--bootstrap", "500")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert res["nested_method"] == "tuned on the other folds" and res["n_images"] > 0
-    for k in ("default_threshold", "nested", "submitted"):
-        assert res[k]["gain"] == 0 and res[k]["ci95"] == [0, 0] and res[k]["base"] == res[k]["other"]
-    # per-image scores stored as JSON (as the ablation table keeps them) pair as the runs do
-    from tgs_salt.compare import paired, run_scores
-    from tgs_salt.errors import UserError
-
-    stored = json.loads(json.dumps(run_scores(run_dir)))
-    assert set(np.unique(stored["default"])) <= {round(0.1 * k, 4) for k in range(11)}
-    worse = {**stored, "default": [max(0.0, x - 0.1) for x in stored["default"]]}
-    p = paired(stored, worse, n_boot=200)
-    assert p["nested"]["gain"] == 0 and p["default_threshold"]["images_better"] == 0
-    assert p["default_threshold"]["gain"] == pytest.approx(np.mean(worse["default"]) - np.mean(stored["default"]))
-    # the submission's policy, its choice made held out (postprocess.policy_scores), when both sides kept it
-    assert len(stored["policy"]) == len(stored["ids"]) and "submitted" in p
-    assert "submitted" not in paired(stored, {k: v for k, v in worse.items() if k != "policy"}, n_boot=200)
-    with pytest.raises(UserError, match="different images"):
-        paired(stored, {**stored, "ids": stored["ids"][::-1]})
-    with pytest.raises(UserError, match="different groups of images"):
-        paired(stored, {**stored, "nested_method": "tuned on the other half of the held-out images"})
-    # a recorded result (bench/record_run.py keeps per_image) pairs against a run directory
-    rec = tmp_path / "recorded.json"
-    rec.write_text(json.dumps({"cv_score": 0.5, "per_image": worse}))
-    r = run_cli("compare", rec, run_dir, "--out", out, "--bootstrap", "200")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert res["default_threshold"]["gain"] == pytest.approx(-p["default_threshold"]["gain"], abs=1e-6)
-    assert res["nested"]["gain"] == 0 and res["n_images"] == len(stored["ids"])
-    from tgs_salt.compare import stored_or_run_scores
-
-    for bad, msg in (({"cv_score": 0.5}, "no per-image scores"),
-                     ({"per_image": {**stored, "nested": stored["nested"][1:]}}, "ids but")):
-        rec.write_text(json.dumps(bad))
-        with pytest.raises(UserError, match=msg):
-            stored_or_run_scores(rec)
-    rec.write_text("not json")
-    r = run_cli("compare", rec, run_dir)
-    assert r.returncode != 0 and "not a run directory nor a JSON result" in r.stderr and "Traceback" not in r.stderr
-    # several pairs are pooled; runs come in pairs
-    rec.write_text(json.dumps({"per_image": worse}))
-    r = run_cli("compare", run_dir, rec, run_dir, run_dir, "--out", out, "--bootstrap", "200")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert [x["default_threshold"]["gain"] for x in res["pairs"]] == pytest.approx([p["default_threshold"]["gain"], 0])
-    pool = res["pooled"]["default_threshold"]
-    assert pool["gain"] == pytest.approx(p["default_threshold"]["gain"] / 2, abs=1e-6) and 1 <= pool["df"] < 2
-    assert "pooled over 2 pairs" in r.stdout and res["pooled"]["nested"]["ci95"] == [0, 0]
-    r = run_cli("compare", run_dir, rec, run_dir)
-    assert r.returncode != 0 and "in pairs" in r.stderr and "Traceback" not in r.stderr
-    # a list of runs is scored as their equal-weight average (bench/ensemble_gain.py): a run with itself is the run
-    from tgs_salt.compare import per_image
-
-    one, two = per_image(run_dir, None), per_image([run_dir, run_dir], None)
-    assert np.array_equal(one[0], two[0]) and np.allclose(one[1], two[1]) and np.allclose(one[2], two[2])
-    # a run over other folds cannot be paired
-    other = tmp_path / "other"
-    (other / "fold0").mkdir(parents=True)
-    for f in ("config.yaml", "run.json"):
-        (other / f).write_bytes((run_dir / f).read_bytes())
-    cfg = (other / "config.yaml").read_text().replace("train_folds:\n  - 0\n  - 1", "train_folds:\n  - 0")
-    (other / "config.yaml").write_text(cfg)
-    (other / "fold0" / "oof.npz").write_bytes((run_dir / "fold0" / "oof.npz").read_bytes())
-    r = run_cli("compare", run_dir, other)
-    assert r.returncode != 0 and "different images" in r.stderr and "Traceback" not in r.stderr
-
 
 # ----------------------------------------------------------------------------- TensorBoard
 
