@@ -328,32 +328,32 @@ def test_probe_effort_scales_with_a_budget_under_an_hour():
 
 @pytest.mark.parametrize("budget, want", [(None, 1.0), (3, 0.05)])
 def test_setup_precision_shortens_the_probe_under_a_short_budget(tmp_path, synth_dir, monkeypatch, budget, want):
-    """Every step timer the probe makes (all precisions, the low and middle resolutions) lasts
-    1.5 s x the effort, and the probe's extra rounds stop after 60 s x the effort: a 1-min budget
-    no longer spends a third of itself on the measurement."""
+    """Every step timer the probe makes (all precisions, the low and middle resolutions) times for
+    1.5 s x the effort; the probe's extra rounds are the same whatever the budget (they keep the
+    choice right: bench/bench_probe_effort.py)."""
     from tgs_salt import config as C
     from tgs_salt import train as T
     from tgs_salt.data import load_train
 
-    seen_min, seen_max = [], []
-    make_timer, choose = H.make_step_timer, H.choose
+    seen_min, seen_rounds = [], []
+    make_timer, probe = H.make_step_timer, H.probe_cpu
 
     def spy_timer(*a, **k):
         seen_min.append(k["min_seconds"])
         return make_timer(*a, **{**k, "min_seconds": 0})
 
-    def spy_choose(*a, **k):
-        seen_max.append(k["max_seconds"])
-        return choose(*a, **k)
+    def spy_probe(*a, **k):
+        seen_rounds.append(k)
+        return probe(*a, **k)
 
     monkeypatch.setattr(H, "make_step_timer", spy_timer)
-    monkeypatch.setattr(H, "choose", spy_choose)
+    monkeypatch.setattr(H, "probe_cpu", spy_probe)
     cfg = C.load_config(str(tiny_config(tmp_path, train={"amp": False, "channels_last": "auto",  # 2 candidates
                                                          "low_res_size": 64, "mid_res_size": 96})))
     data = load_train(synth_dir)
     idx = np.arange(len(data.ids))
     out = T.setup_precision(tmp_path / "run", cfg, CPU, data, idx[:40], idx[40:], want_rates=True, budget_min=budget)
-    assert seen_min == pytest.approx([1.5 * want] * 3) and seen_max == pytest.approx([60.0 * want])
+    assert seen_min == pytest.approx([1.5 * want] * 3) and seen_rounds == [{}]  # probe_cpu's own rounds and limit
     assert out["low_res"]["size"] == 64 and out["mid_res"]["size"] == 96 and out["train_rate"] > 0
 
 

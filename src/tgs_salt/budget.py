@@ -31,7 +31,7 @@ STAGE_OVERHEAD_S = 15.0   # CV and predict: two Python start-ups, data and check
 FOLD_OVERHEAD_S = 3.0     # per fold: model build, checkpoint and OOF writes
 EPOCH_OVERHEAD_S = 1.0    # per epoch: checkpoints, log, metric
 SAFETY = 0.015            # aim this fraction below the budget: the plan rests on a short measurement
-FULL_PROBE_MIN = 60.0     # budgets of this many minutes or more get the precision probe's full effort
+FULL_PROBE_MIN = 60.0     # budgets of this many minutes or more get the precision probe's full timings
 
 
 @dataclass
@@ -89,12 +89,13 @@ class Costs:
 
 
 def probe_effort(budget_min: float | None) -> float:
-    """The share of its full effort the precision probe spends under a time budget of ``budget_min``
-    minutes: all of it for an hour or more (or no budget), in proportion below. The full probe took
-    28 s for the tests' tiny model and ~66 s for the shipped ``cpu_budget`` on the slowest 2-core
-    host: under 2 % of an hour, but a third of a 1.5-min budget and most of a 1-min one. Below an
-    hour each timing is shorter (never under the timer's 2 steps) and the extra rounds stop sooner;
-    a budget that short cannot win back a long measurement's precision."""
+    """The share of its full length each of the precision probe's timings takes under a time budget of
+    ``budget_min`` minutes: all of it for an hour or more (or no budget), in proportion below. A timing
+    runs its steps until 1.5 s x the effort have passed (at least 2 steps, at most 5), so only a small
+    model's quick steps are timed fewer times: the tests' tiny U-Net probed for 28 s, a third of a
+    1.5-min budget. The probe's extra rounds (each candidate timed again, keeping its best) are kept
+    whatever the budget: without them a 1-min budget picked the slower layout for ``cpu_budget`` in 2 of 3
+    probes on a slow AVX2 host (``bench/bench_probe_effort.py``)."""
     if budget_min is None:
         return 1.0
     return max(0.0, min(1.0, budget_min / FULL_PROBE_MIN))

@@ -427,13 +427,12 @@ def _sync(device: torch.device) -> None:
 
 
 def choose(train_cfg: dict, device: torch.device, time_step: StepFn | None, batch: int,
-           capability: tuple[int, int] | None = None, max_seconds: float = 60.0) -> Precision:
-    """The precision to train with: measured on CPU when the config leaves a choice (``max_seconds``:
-    :func:`probe_cpu`'s limit for its extra rounds)."""
+           capability: tuple[int, int] | None = None) -> Precision:
+    """The precision to train with: measured on CPU when the config leaves a choice."""
     cands = candidates(train_cfg, device, capability)
     if device.type == "cuda" or len(cands) == 1 or time_step is None:
         return rule_based(train_cfg, device, capability)
-    rates = probe_cpu(cands, time_step, batch, max_seconds=max_seconds)
+    rates = probe_cpu(cands, time_step, batch)
     best = max(rates, key=rates.get)
     dtype, cl = next(c for c in cands if candidate_name(*c) == best)
     return Precision(dtype, cl, reason=f"fastest of {len(cands)} measured on this CPU ({cpu_kind()})",

@@ -765,8 +765,8 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
                     val_idx: np.ndarray, want_rates: bool, budget_min: float | None = None) -> dict:
     """The run's precision and layout (probed on CPU when the config says auto) and the measured
     rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
-    device with the same settings. Under a time budget shorter than an hour the probe's timings are
-    shortened in proportion (:func:`budget.probe_effort`)."""
+    device with the same settings. Under a time budget shorter than an hour each of the probe's
+    timings lasts less (:func:`budget.probe_effort`)."""
     t = cfg["train"]
     settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last", "cpu_malloc")}
     facts = _device_facts(device)
@@ -793,11 +793,11 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     x = builder(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
     y = builder.target(torch.from_numpy(data.masks[rows]).to(device))
     effort = B.probe_effort(budget_min)
-    min_s = 1.5 * effort  # make_step_timer's default: a timing lasts 1.5 s (2-5 steps) at full effort
+    min_s = 1.5 * effort  # make_step_timer's default at full effort: a timing lasts 1.5 s (2-5 steps)
     timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device,
                                      min_seconds=min_s)
     cap = facts.get("capability")
-    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None, max_seconds=60.0 * effort)
+    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None)
     train_rate = prec.rates.get(prec.name)
     if want_rates and train_rate is None:
         train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
