@@ -710,8 +710,8 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     each, and never goes back to an earlier size; interrupted after its first validated epoch (the
     first best.pt: the last low-res one), it resumes under the same plan; a different budget for the
     same run directory is refused. (One budgeted run for all of it: each spends its whole budget. Under a
-    1-min budget the probe shortens its timings to 1/60 of theirs: 12 s against 28 s at full effort on
-    a 2-core AVX2 host, where the full probe under a second pytest worker once took 43 s of the minute.)"""
+    1-min budget each of the probe's timings lasts 1/60 of its full length: the probe took 14 s against
+    26 s in full on a 2-core AVX2 host, where the full one under a second pytest worker once took 43 s.)"""
     cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
                                        "low_res_size": 64, "low_res_fraction": 0.4,
                                        "mid_res_size": 96, "mid_res_fraction": 0.3},
