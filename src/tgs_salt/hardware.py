@@ -379,8 +379,11 @@ def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     return step
 
 
+TIMING_SECONDS = 1.5  # a probe timing runs its steps this long (2-5 steps); shorter under a short budget
+
+
 def make_step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, crop,
-                    device: torch.device, steps: int = 2, min_seconds: float = 1.5) -> StepFn:
+                    device: torch.device, steps: int = 2, min_seconds: float = TIMING_SECONDS) -> StepFn:
     """A ``time_step`` for :func:`probe_cpu` on a copy of the real model and a real batch (one copy
     per candidate and batch size, kept for the probe's later rounds)."""
     prepared: dict[tuple, object] = {}

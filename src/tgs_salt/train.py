@@ -793,7 +793,7 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     x = builder(torch.from_numpy(data.images[rows]).to(device), torch.from_numpy(data.depths[rows]).to(device))
     y = builder.target(torch.from_numpy(data.masks[rows]).to(device))
     effort = B.probe_effort(budget_min)
-    min_s = 1.5 * effort  # make_step_timer's default at full effort: a timing lasts 1.5 s (2-5 steps)
+    min_s = hardware.TIMING_SECONDS * effort
     timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device,
                                      min_seconds=min_s)
     cap = facts.get("capability")
