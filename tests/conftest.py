@@ -28,6 +28,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+    # ... and one OpenMP thread in every process a worker starts (CLI runs, run_all.sh, spawned ranks),
+    # unless a test asks for more (--threads): two tiny CLI trainings side by side on 2 AVX2 cores took
+    # 44-57 s at torch's default of 2 threads each against 19-23 s at 1 (three alternating rounds; GOMP
+    # threads spin waiting for a partner the other process has taken the core from)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_unconfigure(config):

@@ -54,7 +54,7 @@ def trained(tmp_path_factory, synth_dir):
     tmp = tmp_path_factory.mktemp("run")
     cfg = tiny_config(tmp)
     run_dir = tmp / "run"
-    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir, "--threads", "2")
+    r = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "malloc: freed memory kept" in r.stderr  # train.cpu_malloc keep (the default) on a CPU with glibc
     return cfg, run_dir
