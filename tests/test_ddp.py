@@ -46,7 +46,7 @@ def test_ddp_fold_matches_single_process(synth_dir, tmp_path):
                  "--device", "cpu")
     assert r.returncode == 0, r.stderr[-4000:]
     r1 = run_cli("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", single_dir, "--fold", "0",
-                 "--device", "cpu", "--threads", "2")
+                 "--device", "cpu", "--threads", "1")
     assert r1.returncode == 0, r1.stderr[-4000:]
 
     fd = ddp_dir / "fold0"
