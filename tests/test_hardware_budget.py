@@ -480,6 +480,55 @@ def test_plan_arithmetic():
     assert shifted.fixed_s == pytest.approx(258.0) and shifted.epoch_s == costs.epoch_s
 
 
+def test_shift_views_are_dropped_when_they_would_take_too_much_of_the_budget(tmp_path):
+    """predict.tta_shift triples the views of the OOF pass and the test prediction: kept while that costs at
+    most predict.tta_shift_max_share of the budget, else flip TTA alone (the plan says which, and the OOF
+    pass, cv and predict follow it). With the competition's 18,000 test images a slow CPU would spend half
+    the hour on them."""
+    import yaml
+
+    from tgs_salt import config as C
+    from tgs_salt.report import read_run
+
+    small = B.Costs(train_rate=12.0, eval_rate=40.0, n_train=2400, n_val=600, n_test=1000, n_folds=1,
+                    n_models=1, tta=True, tta_shift=3)
+    # 4 more views of 600 OOF and 1000 test images at 40 views/s: 160 s, 4.4 % of an hour
+    assert small.shift_views_s == pytest.approx(160.0)
+    kept, views = B.choose_views(small, 3600, 0.05)
+    assert kept == small and views == {"tta_shift": 3}
+    big = B.Costs(**{**B.to_dict(small), "n_test": 18000})
+    assert big.shift_views_s == pytest.approx(4 * 18600 / 40)  # 1860 s: 52 % of the hour
+    flip, views = B.choose_views(big, 3600, 0.05)
+    assert flip.tta_shift == 0 and flip.fixed_s == pytest.approx(big.fixed_s - 1860)
+    assert views == {"tta_shift": 0, "tta_shift_dropped": {"config": 3, "seconds": 1860.0, "share": 0.5167,
+                                                          "max_share": 0.05}}
+    assert B.choose_views(big, 3600, None) == (big, {"tta_shift": 3})  # null: always kept
+    assert B.choose_views(small, 3600, 0.04)[1]["tta_shift"] == 0  # 4.4 % > 4 %
+    no_shift = B.Costs(**{**B.to_dict(big), "tta_shift": 0})
+    assert no_shift.shift_views_s == 0 and B.choose_views(no_shift, 3600, 0.0) == (no_shift, {"tta_shift": 0})
+    # the epochs the plan gains: (3546 - 60 - 948) / 216 = 11.75 -> 12 instead of (3546 - 60 - 2808) / 216 -> 3
+    assert sum(B.plan_epochs(3600, 60, big, [1])["epochs"]) == 3
+    assert sum(B.plan_epochs(3600, 60, flip, [1])["epochs"]) == 12
+
+    cfg = C.load_config("cpu_budget")
+    assert cfg["predict"]["tta_shift"] == 3 and cfg["predict"]["tta_shift_max_share"] == 0.05
+    plan = {"epochs": [20], "warmup_epochs": 1.0, **views}
+    assert B.apply_plan(cfg, plan)["predict"]["tta_shift"] == 0 and cfg["predict"]["tta_shift"] == 3
+    assert B.apply_plan(cfg, {"epochs": [20], "tta_shift": 3})["predict"]["tta_shift"] == 3
+    assert B.apply_plan(cfg, {"epochs": [20]})["predict"]["tta_shift"] == 3  # a plan from before the key
+    desc = B.describe({**B.plan_epochs(3600, 60, flip, [1]), "budget_minutes": 60, "job_start": 0, "n_folds": 1,
+                       **views})
+    assert "predict.tta_shift 3 dropped" in desc and "1860 s, 52% of the budget" in desc and "flip TTA only" in desc
+    # the commands that read the run (cv, predict) see the views its plan chose
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "cpu_budget", "predict": {"tta_shift": 3}}))
+    (tmp_path / "run.json").write_text("{}")
+    assert read_run(tmp_path)[0]["predict"]["tta_shift"] == 3
+    B.write_plan(tmp_path, plan)
+    assert read_run(tmp_path)[0]["predict"]["tta_shift"] == 0
+    with pytest.raises(UserError, match="tta_shift_max_share"):
+        C.load_config("cpu_budget", ["predict.tta_shift_max_share=2"])
+
+
 def test_plan_with_progressive_resizing_counts_cheaper_epochs():
     """Half the epochs at a low resolution that trains 2.4x faster: each costs less, more fit."""
     full = B.Costs(train_rate=12.0, eval_rate=40.0, n_train=2400, n_val=600, n_test=1000, n_folds=1,
@@ -715,7 +764,8 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     cfg = tiny_config(tmp_path, train={"amp": "auto", "channels_last": "auto", "max_train_batches": 2,
                                        "low_res_size": 64, "low_res_fraction": 0.4,
                                        "mid_res_size": 96, "mid_res_fraction": 0.3},
-                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+                      folds={"k": 3, "seed": 1, "train_folds": [0]},
+                      predict={"tta_shift": 2, "tta_shift_max_share": 0.0})  # the shift views dropped by the plan
     run = tmp_path / "run"
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
             "--device", "cpu", "--threads", "1"]
@@ -734,12 +784,14 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     assert low["share"] == 0.4 and 0 < low["relative_cost"] < 1 and low["mid_share"] == 0.3
     assert 0 < low["mid_relative_cost"] <= 1.0 + 1e-9
     assert sum(plan["epochs"]) >= 2 and len(plan["epochs"]) == 2
+    assert plan["tta_shift"] == 0 and plan["tta_shift_dropped"]["config"] == 2 and "flip TTA only" in err
     r = run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "following the time plan" in r.stderr and "chosen before" in r.stderr
     assert plan["calibrated"] is True and plan["warmup_epochs"] == 1.0
     done = json.loads((run / "fold0" / "done.json").read_text())
     assert done["epochs_run"] == sum(plan["epochs"]) == done["epochs_planned"]
+    assert done["oof_views"] == 2  # flip only: the views the plan chose, not the config's 6
     assert json.loads((run / "plan.json").read_text()) == plan
     px = pd.read_csv(run / "fold0" / "log.csv")["input_px"].tolist()
     # re-plans may move the switches, never back to an earlier size

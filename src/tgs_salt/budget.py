@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tgs_salt.config import low_res_count, n_views
@@ -86,6 +86,38 @@ class Costs:
         oof = self.n_folds * (self.n_val * views / self.eval_rate + FOLD_OVERHEAD_S)
         predict = self.n_test * views * self.n_models / self.eval_rate
         return oof + predict + STAGE_OVERHEAD_S
+
+    @property
+    def shift_views_s(self) -> float:
+        """What the shift views (``tta_shift``) add to :attr:`fixed_s`: 3x the views in the OOF passes and
+        the test prediction."""
+        return self.fixed_s - replace(self, tta_shift=0).fixed_s if self.tta_shift else 0.0
+
+
+def choose_views(costs: Costs, budget_s: float, max_share: float | None) -> tuple[Costs, dict]:
+    """The test-time views a budgeted run uses: the config's, unless its shift views
+    (``predict.tta_shift``) would take more than ``max_share`` of the budget (``predict.tta_shift_max_share``;
+    None: always kept), in which case flip TTA alone. They are worth +0.0024 on average (bench/tta_views.py:
+    five real AVX2 hours, 1000 test images); on the slowest AVX2 host, where an epoch more is worth ~0.002,
+    that is ~1.3 epochs, ~4 % of an hour. With the competition's 18,000 test images they took 30 min of
+    such an hour (the plan: 21 epochs instead of ~36). Returns the costs the plan counts and what goes into
+    the plan (``tta_shift``, and ``tta_shift_dropped`` when they were dropped)."""
+    extra = costs.shift_views_s
+    if not extra or max_share is None or extra <= max_share * budget_s:
+        return costs, {"tta_shift": costs.tta_shift}
+    return replace(costs, tta_shift=0), {
+        "tta_shift": 0, "tta_shift_dropped": {"config": costs.tta_shift, "seconds": round(extra, 1),
+                                              "share": round(extra / budget_s, 4), "max_share": max_share}}
+
+
+def planned_views(cfg: dict, plan: dict | None) -> dict:
+    """``cfg`` with the test-time shift the run's time plan chose (see :func:`choose_views`): the OOF
+    passes and the test prediction of a run use the same views. A copy when it changes anything."""
+    if not plan or "tta_shift" not in plan or int(plan["tta_shift"]) == cfg["predict"]["tta_shift"]:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out["predict"]["tta_shift"] = int(plan["tta_shift"])
+    return out
 
 
 def probe_effort(budget_min: float | None) -> float:
@@ -211,7 +243,7 @@ def planned_warmup(cfg: dict) -> float:
 
 
 def apply_plan(cfg: dict, plan: dict) -> dict:
-    """A copy of ``cfg`` with the plan's epochs per stage and warm-up."""
+    """A copy of ``cfg`` with the plan's epochs per stage, warm-up and test-time views."""
     out = copy.deepcopy(cfg)
     stages = out["train"]["stages"]
     epochs = plan["epochs"]
@@ -220,7 +252,7 @@ def apply_plan(cfg: dict, plan: dict) -> dict:
     for st, e in zip(stages, epochs):
         st["epochs"] = int(e)
     out["train"]["warmup_epochs"] = float(plan.get("warmup_epochs", out["train"]["warmup_epochs"]))
-    return out
+    return planned_views(out, plan)
 
 
 def calibrate(plan: dict, first_epoch_s: float, now: float) -> dict:
@@ -338,9 +370,13 @@ def describe(plan: dict) -> str:
     if low and "mid_relative_cost" in low:
         low_text += (f", the next {low_res_count(low['mid_share'], total)} at the middle one "
                      f"({low['mid_relative_cost']:.2f})")
+    dropped = plan.get("tta_shift_dropped")
+    views = (f" (predict.tta_shift {dropped['config']} dropped: its views would take {dropped['seconds']:.0f} s, "
+             f"{dropped['share']:.0%} of the budget, over predict.tta_shift_max_share {dropped['max_share']:g}; "
+             f"flip TTA only)" if dropped else "")
     return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
             f"epochs (stages {'+'.join(map(str, plan['epochs']))}{low_text}), {plan['epoch_s']:.0f} s per epoch, "
-            f"{plan['fixed_s']:.0f} s for OOF, CV and prediction; the job should end at {eta} "
+            f"{plan['fixed_s']:.0f} s for OOF, CV and prediction{views}; the job should end at {eta} "
             f"({plan['total_s'] / 60:.1f} min)")
 
 

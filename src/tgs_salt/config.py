@@ -105,7 +105,13 @@ DEFAULTS: dict[str, Any] = {
         "max_train_batches": None,      # cap batches per epoch (smoke tests)
     },
     "folds": {"k": 5, "seed": 42, "file": None, "train_folds": None},
-    "predict": {"tta": True, "tta_shift": 0, "batch_size": 256},
+    "predict": {
+        "tta": True,                    # + the horizontally flipped image
+        "tta_shift": 0,                 # > 0: + the image shifted this many px diagonally both ways (3x the views)
+        "tta_shift_max_share": 0.05,    # under a time budget the shift views are dropped (flip only) when they would
+                                        # take more than this share of it (null: kept): budget.choose_views
+        "batch_size": 256,
+    },
     "postprocess": {
         "thresholds": [0.05, 0.95, 91],  # linspace(start, stop, count)
         "min_areas": [0, 10, 20, 30, 50, 75, 100, 150, 200, 300],
@@ -185,6 +191,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("folds", "seed"): (int, 0, 2**32 - 1, False),
     ("predict", "tta"): (bool, None, None, False),
     ("predict", "tta_shift"): (int, 0, 64, False),
+    ("predict", "tta_shift_max_share"): (float, 0, 1, True),
     ("predict", "batch_size"): (int, 1, 1 << 16, False),
     ("postprocess", "default_threshold"): (float, "(0", 1, False),
 }

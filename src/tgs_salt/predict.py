@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tgs_salt import paths
+from tgs_salt.budget import read_plan
 from tgs_salt.config import n_views
 from tgs_salt.data.folds import folds_for
 from tgs_salt.errors import UserError
@@ -108,6 +109,11 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     batch = args.batch_size or cfg["predict"]["batch_size"]
     t0 = time.time()
     tta, shift = cfg["predict"]["tta"], cfg["predict"]["tta_shift"]
+    dropped = (read_plan(run_dirs[0]) or {}).get("tta_shift_dropped")
+    if dropped:
+        log.info("TTA without the shift views, as the time plan chose: predict.tta_shift %d would have taken %.0f s "
+                 "(%.0f%% of the budget; predict.tta_shift_max_share %g)", dropped["config"], dropped["seconds"],
+                 100 * dropped["share"], dropped["max_share"])
     probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, tta, shift)
     if pp.cls_threshold is not None and cls is None:
         raise UserError("post-processing was tuned with a classifier but the models give no salt probability")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tgs_salt import budget as B
 from tgs_salt import config as C
 from tgs_salt import paths
 from tgs_salt.data.folds import coverage_class, folds_for
@@ -30,7 +31,9 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     if not cfg_path.exists() or not facts_path.exists():
         raise UserError(f"{run_dir} is not a training run directory (no config.yaml/run.json); "
                         "train first with `python -m tgs_salt train --config ...`")
-    return C.for_reading(yaml.safe_load(cfg_path.read_text())), json.loads(facts_path.read_text())
+    # the views its OOF passes used and its prediction uses: a time plan may have dropped the shift views
+    cfg = B.planned_views(C.for_reading(yaml.safe_load(cfg_path.read_text())), B.read_plan(run_dir))
+    return cfg, json.loads(facts_path.read_text())
 
 
 def run_fold_file(facts: dict) -> Path:

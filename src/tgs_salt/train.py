@@ -599,7 +599,8 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     digests = _weights_digests(state.eval_model, ctx, fold)
     kept, metric_tta = _oof_pass(model, cfg, fold, rd, builder, data, val_idx, device, precision, ctx)
     done = {"fold": fold, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-            "oof_metric_tta": metric_tta, "select": t["select"], "kept_epoch": int(kept["epoch"]),
+            "oof_metric_tta": metric_tta, "oof_views": C.n_views(cfg["predict"]["tta"], cfg["predict"]["tta_shift"]),
+            "select": t["select"], "kept_epoch": int(kept["epoch"]),
             "epochs_run": len(log_rows), "n_train": len(train_idx), "n_val": len(val_idx),
             "seconds": round(time.time() - t_fold, 1), "device": str(device), "world_size": ctx.world,
             "precision": precision.name, "epochs_planned": C.total_epochs(cfg), "weights_sha1_per_rank": digests}
@@ -867,9 +868,10 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
                     low_res_validates=cfg["train"]["low_res_validate"], val_every=cfg["train"]["val_every"],
                     mid_res_rate=rates["mid_res"]["train_rate"] * scale if rates.get("mid_res") else None,
                     mid_res_share=cfg["train"]["mid_res_fraction"] if cfg["train"]["mid_res_size"] else 0.0)
+    costs, views = B.choose_views(costs, budget_min * 60, cfg["predict"]["tta_shift_max_share"])
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
-    plan.update({"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
+    plan.update({**views,"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
                  "config_epochs": [s["epochs"] for s in cfg["train"]["stages"]], "costs": B.to_dict(costs),
                  "warmup_epochs": B.planned_warmup(cfg), "precision": Precision.from_dict(rates["precision"]).name,
                  # folds trained in parallel processes keep the probe's plan: they could not agree on a change
