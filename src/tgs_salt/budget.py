@@ -99,8 +99,8 @@ def choose_views(costs: Costs, budget_s: float, max_share: float | None) -> tupl
     (``predict.tta_shift``) would take more than ``max_share`` of the budget (``predict.tta_shift_max_share``;
     None: always kept), in which case flip TTA alone. They are worth +0.0024 on average (bench/tta_views.py:
     five real AVX2 hours, 1000 test images); on the slowest AVX2 host, where an epoch more is worth ~0.002,
-    that is ~1.3 epochs, ~4 % of an hour. With the competition's 18,000 test images they took 30 min of
-    such an hour (the plan: 21 epochs instead of ~36). Returns the costs the plan counts and what goes into
+    that is ~1.3 epochs, ~4 % of an hour. With the competition's 18,000 test images they would take ~20 min
+    of such an hour (the plan: 21 epochs instead of 36). Returns the costs the plan counts and what goes into
     the plan (``tta_shift``, and ``tta_shift_dropped`` when they were dropped)."""
     extra = costs.shift_views_s
     if not extra or max_share is None or extra <= max_share * budget_s:
@@ -124,10 +124,10 @@ def probe_effort(budget_min: float | None) -> float:
     """The share of its full length each of the precision probe's timings takes under a time budget of
     ``budget_min`` minutes: all of it for an hour or more (or no budget), in proportion below. A timing
     runs its steps until 1.5 s x the effort have passed (at least 2 steps, at most 5), so only a small
-    model's quick steps are timed fewer times: the tests' tiny U-Net probed for 28 s, a third of a
-    1.5-min budget. The probe's extra rounds (each candidate timed again, keeping its best) are kept
-    whatever the budget: without them a 1-min budget picked the slower layout for ``cpu_budget`` in 2 of 3
-    probes on a slow AVX2 host (``bench/bench_probe_effort.py``)."""
+    model's quick steps are timed fewer times: under a 1-min budget the tests' tiny U-Net probes for 14 s
+    instead of 26 s in full (2-core AVX2 host). The probe's extra rounds (each candidate timed again,
+    keeping its best) are kept whatever the budget: without them a 1-min budget picked the slower layout
+    for ``cpu_budget`` in 2 of 3 probes on a slow AVX2 host (``bench/bench_probe_effort.py``)."""
     if budget_min is None:
         return 1.0
     return max(0.0, min(1.0, budget_min / FULL_PROBE_MIN))
