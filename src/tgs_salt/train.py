@@ -871,7 +871,7 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     costs, views = B.choose_views(costs, budget_min * 60, cfg["predict"]["tta_shift_max_share"])
     elapsed = time.time() - job_start
     plan = B.plan_epochs(budget_min * 60, elapsed, costs, [s["epochs"] for s in cfg["train"]["stages"]])
-    plan.update({**views,"budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
+    plan.update({**views, "budget_minutes": budget_min, "job_start": job_start, "n_folds": n_folds,
                  "config_epochs": [s["epochs"] for s in cfg["train"]["stages"]], "costs": B.to_dict(costs),
                  "warmup_epochs": B.planned_warmup(cfg), "precision": Precision.from_dict(rates["precision"]).name,
                  # folds trained in parallel processes keep the probe's plan: they could not agree on a change
