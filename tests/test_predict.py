@@ -161,6 +161,36 @@ def test_ensemble_averaging_weights_runs_and_folds():
     assert predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3)[1] is None
 
 
+class ViewsModel(ConstModel):
+    """Records the test-time views it is asked for."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.calls = set()
+
+    def probs(self, images, depths, tta=True, shift=0):
+        self.calls.add((tta, shift))
+        return super().probs(images, depths, tta, shift)
+
+
+def test_each_run_predicts_with_its_own_views():
+    """Runs ensembled by `predict` keep the views of their own out-of-fold predictions: a run whose
+    time plan dropped the shift views, beside one that kept them (or one whose canvas has no room
+    for them), must not get the other's."""
+    images, depths = np.zeros((4, 101, 101), np.uint8), np.zeros(4, np.float32)
+    a, b, c = ViewsModel(0.2), ViewsModel(0.4), ViewsModel(0.6)
+    ens = [([a, b], None), ([c], None)]
+    out, _ = predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3,
+                          views=[(True, 3), (True, 0)])
+    assert a.calls == b.calls == {(True, 3)} and c.calls == {(True, 0)}
+    np.testing.assert_allclose(out, 0.5 * 0.3 + 0.5 * 0.6, atol=1e-3)
+    a.calls.clear(), c.calls.clear()
+    predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3, tta=False, shift=2)
+    assert a.calls == c.calls == {(False, 2)}  # no per-run views: the same for every run, as before
+    with pytest.raises(ValueError, match="1 test-time view settings for 2 runs"):
+        predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3, views=[(True, 0)])
+
+
 def test_postprocess_threshold_min_area_and_blank_images():
     probs = np.zeros((3, 101, 101), np.float32)
     probs[0, :10, :10] = 0.8     # 100 px
@@ -408,6 +438,28 @@ def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):
     assert r.stdout.strip().splitlines()[-2] == single.stdout.strip().splitlines()[-2]
     r = run_cli("predict", "--run-dir", run_dir, "--run-dir", run_dir, "--weights", "1", "--data-dir", synth_dir)
     assert r.returncode != 0 and "--weights" in r.stderr
+
+
+def test_predict_ensemble_of_runs_with_different_views(predicted, synth_dir, tmp_path):
+    """Two runs, one with the 6 shift views and one with the 2 flip views (as when its time plan
+    dropped them): each run's models predict with its own views, and the submission validates."""
+    import shutil
+
+    import yaml
+
+    run_dir, _, _ = predicted
+    flip_only = tmp_path / "flip_only"
+    shutil.copytree(run_dir, flip_only)
+    cfg_path = flip_only / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["predict"]["tta_shift"] = 0
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    sub = tmp_path / "two_runs.csv"
+    r = run_cli("predict", "--run-dir", run_dir, "--run-dir", flip_only, "--data-dir", synth_dir, "--out", sub,
+                env={"TGS_RUNS_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 2/6 TTA views" in r.stderr
+    assert validate_submission(sub, synth_dir / "sample_submission.csv").ok
 
 
 def _as_if_older(cfg: dict) -> dict:

@@ -42,11 +42,17 @@ def load_fold_models(run_dirs: list[Path], device: torch.device) -> list[tuple[l
 
 
 def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.ndarray, device,
-                 batch_size: int, tta: bool = True, shift: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                 batch_size: int, tta: bool = True, shift: int = 0,
+                 views: list[tuple[bool, int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean probabilities (N, 101, 101) float16, streamed over batches (only the running batch
     of every model is ever in memory), and mean salt probabilities (N,) when every model has a
-    classifier (else None)."""
+    classifier (else None). ``views``: each run's own (tta, shift), the views its out-of-fold
+    predictions were made with (default: ``tta`` and ``shift`` for every run)."""
     from tqdm import tqdm
+
+    views = views or [(tta, shift)] * len(ensemble)
+    if len(views) != len(ensemble):
+        raise ValueError(f"{len(views)} test-time view settings for {len(ensemble)} runs")
 
     out = np.empty((len(images), 101, 101), dtype=np.float16)
     with_cls = all(m.cfg["model"]["cls_head"] for models, _ in ensemble for m in models)
@@ -55,9 +61,9 @@ def predict_test(ensemble, weights: np.ndarray, images: np.ndarray, depths: np.n
         img = torch.from_numpy(images[s:s + batch_size]).to(device, non_blocking=True)
         dep = torch.from_numpy(depths[s:s + batch_size]).to(device, non_blocking=True)
         acc, acc_cls = 0.0, 0.0
-        for (models, _), w in zip(ensemble, weights):
+        for (models, _), w, (run_tta, run_shift) in zip(ensemble, weights, views):
             for m in models:
-                p, c = m.probs(img, dep, tta=tta, shift=shift)
+                p, c = m.probs(img, dep, tta=run_tta, shift=run_shift)
                 acc = acc + p * float(w / len(models))
                 if with_cls:
                     acc_cls = acc_cls + c * float(w / len(models))
@@ -108,19 +114,23 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
     n_models = sum(len(m) for m, _ in ensemble)
     batch = args.batch_size or cfg["predict"]["batch_size"]
     t0 = time.time()
-    tta, shift = cfg["predict"]["tta"], cfg["predict"]["tta_shift"]
-    dropped = (read_plan(run_dirs[0]) or {}).get("tta_shift_dropped")
-    if dropped:
-        log.info("TTA without the shift views, as the time plan chose: predict.tta_shift %d would have taken %.0f s "
-                 "(%.0f%% of the budget; predict.tta_shift_max_share %g)", dropped["config"], dropped["seconds"],
-                 100 * dropped["share"], dropped["max_share"])
-    probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, tta, shift)
+    # every run's models get the views its out-of-fold predictions had (its time plan may have dropped the shift)
+    views = [(c["predict"]["tta"], c["predict"]["tta_shift"]) for c in (read_run(r)[0] for r in run_dirs)]
+    for r in run_dirs:
+        dropped = (read_plan(r) or {}).get("tta_shift_dropped")
+        if dropped:
+            log.info("%sTTA without the shift views, as the time plan chose: predict.tta_shift %d would have taken "
+                     "%.0f s (%.0f%% of the budget; predict.tta_shift_max_share %g)",
+                     f"{r}: " if len(run_dirs) > 1 else "", dropped["config"], dropped["seconds"],
+                     100 * dropped["share"], dropped["max_share"])
+    probs, cls = predict_test(ensemble, weights, test.images, test.depths, device, batch, views=views)
     if pp.cls_threshold is not None and cls is None:
         raise UserError("post-processing was tuned with a classifier but the models give no salt probability")
     seconds = time.time() - t0
     log.info("precision: %s", ", ".join(sorted({m.precision.name for ms, _ in ensemble for m in ms})))
-    log.info("predicted %d test images with %d models x %d TTA views in %.1fs (%.0f images/s)", len(test), n_models,
-             n_views(tta, shift), seconds, len(test) / max(seconds, 1e-9))
+    n_view = sorted({n_views(*v) for v in views})
+    log.info("predicted %d test images with %d models x %s TTA views in %.1fs (%.0f images/s)", len(test), n_models,
+             "/".join(map(str, n_view)), seconds, len(test) / max(seconds, 1e-9))
 
     with atomic_path(RunDir(out_dir).test_probs, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, ids=test.ids, probs=probs, **({} if cls is None else {"cls": cls}))
