@@ -184,7 +184,8 @@ def test_each_run_predicts_with_its_own_views():
                           views=[(True, 3), (True, 0)])
     assert a.calls == b.calls == {(True, 3)} and c.calls == {(True, 0)}
     np.testing.assert_allclose(out, 0.5 * 0.3 + 0.5 * 0.6, atol=1e-3)
-    a.calls.clear(), c.calls.clear()
+    a.calls.clear()
+    c.calls.clear()
     predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3, tta=False, shift=2)
     assert a.calls == c.calls == {(False, 2)}  # no per-run views: the same for every run, as before
     with pytest.raises(ValueError, match="1 test-time view settings for 2 runs"):
@@ -460,6 +461,8 @@ def test_predict_ensemble_of_runs_with_different_views(predicted, synth_dir, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x 2/6 TTA views" in r.stderr
     assert validate_submission(sub, synth_dir / "sample_submission.csv").ok
+    info = json.loads((tmp_path / f"ensemble-{run_dir.name}+flip_only" / "submission.json").read_text())
+    assert info["views"] == [6, 2] and info["runs"] == [str(run_dir), str(flip_only)]
 
 
 def _as_if_older(cfg: dict) -> dict:

@@ -152,7 +152,8 @@ def _predict(args, run_dirs: list[Path], out_dir: Path) -> int:
         "cv_score_held_out": round(how["score_applied"], 6), "cv_score_policy": round(how["score_policy"], 6),
         "cv_score": round(sweep["score_tuned"], 6),
         "runs": [str(r) for r in run_dirs],
-        "weights": weights.round(6).tolist(), "models": n_models, "seconds": round(seconds, 1),
+        "weights": weights.round(6).tolist(), "views": [n_views(*v) for v in views], "models": n_models,
+        "seconds": round(seconds, 1),
         "images_per_s": round(len(test) / max(seconds, 1e-9), 1), "device": str(device)})
     print(f"{v.rows} rows, {v.non_empty} non-empty masks; {how['applied']} post-processing: threshold "
           f"{pp.threshold:.3f}, min area {pp.min_area}; OOF CV held out {how['score_applied']:.4f} "
