@@ -18,7 +18,7 @@ from common import RESULTS
 SHIPPED = ["cpu_budget_empty05_s42_real_avx2.json", "cpu_budget_empty05_s43_real_avx2.json",
            "cpu_budget_empty05_s44_real_avx2.json", "cpu_budget_h60_s42_slow18_real_avx2.json",
            "cpu_budget_h60_s43_slow17_real_avx2.json", "cpu_budget_h60_s42_slow11_real_avx2.json",
-           "cpu_budget_h60_test18k_s42_slow_real_avx2.json"]
+           "cpu_budget_h60_test18k_s42_slow_real_avx2.json", "cpu_budget_h60_s42_s54_slow_real_avx2.json"]
 # the recipe before train.empty_fraction (every image, 2400 per epoch); shift TTA re-scored or run
 EARLIER = ["cpu_budget_tta_shift3_s42_fast_real_avx2.json", "cpu_budget_tta_shift3_s43_real_avx2.json",
            "cpu_budget_tta_shift3_s44_fast_real_avx2.json", "cpu_budget_tta_shift3_s44_real_avx2.json",
