@@ -32,12 +32,11 @@ VARIANTS = {"cpu_budget_h60_depth3_p104_s42_slow_real_avx2.json": "encoder depth
             "cpu_budget_cpu_processes2_s44_real_avx2.json": "2 processes (earlier recipe)"}
 
 
-def point(name: str) -> tuple[int, float, float, str]:
+def point(name: str) -> tuple[int, float, str]:
     d = json.loads((RESULTS / name).read_text())
     fold = d["folds"]["fold0"]
     seed = re.search(r"_s(\d+)_", name)  # the files without one ran the default seed
-    return fold["epochs_run"], d["cv_score_threshold_0.5"], d["plan"]["costs"]["train_rate"], \
-        seed.group(1) if seed else "42"
+    return fold["epochs_run"], d["cv_score_threshold_0.5"], seed.group(1) if seed else "42"
 
 
 def main() -> None:
@@ -55,11 +54,11 @@ def main() -> None:
                                  "before empty_fraction (2400 images/epoch)")):
         pts = [point(n) for n in names]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=46, label=label, **style)
-        for (e, s, _, seed), n in zip(pts, names):
+        for (e, s, seed), n in zip(pts, names):
             ax.annotate(f"s{seed}" + (", 18k test" if "test18k" in n else ""), (e, s), fontsize=7,
                         xytext=(4, 4 if "test18k" in n else -9), textcoords="offset points", color=style["color"])
     for i, (n, label) in enumerate(VARIANTS.items()):
-        e, s, _, seed = point(n)
+        e, s, seed = point(n)
         ax.scatter([e], [s], marker="x", s=60, color=f"C{i + 1}", label=f"{label} (s{seed})")
     ax.axhline(0.80, color="k", lw=0.8, ls="--")
     ax.text(17, 0.8006, "target 0.80", fontsize=8)
