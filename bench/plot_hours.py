@@ -27,6 +27,7 @@ EARLIER = ["cpu_budget_tta_shift3_s42_fast_real_avx2.json", "cpu_budget_tta_shif
            "cpu_budget_lovasz1_real_avx2.json"]
 # one knob moved from the shipped recipe (label: what moved)
 VARIANTS = {"cpu_budget_h60_depth3_p104_s42_slow_real_avx2.json": "encoder depth 3, 104 px",
+            "cpu_budget_h60_plainunet16_s42_slow_real_avx2.json": "plain U-Net, width 16",
             "cpu_budget_h60_smallmask2_s42_slow18_real_avx2.json": "small-mask weight 2",
             "cpu_budget_h60_test18k_keep6_s42_slow_real_avx2.json": "18,000 test images, 6 views kept",
             "cpu_budget_cpu_processes2_s44_real_avx2.json": "2 processes (earlier recipe)"}
