@@ -321,6 +321,43 @@ def test_real_probe_times_every_candidate_on_a_small_model():
     assert p.rates[p.name] == max(p.rates.values())
 
 
+def test_channels_last_hazard_is_a_strided_1x1_convolution_on_few_input_channels():
+    """oneDNN's NHWC weight gradient of a 1x1 convolution with a stride and fewer input channels than
+    its block crashes, hangs or is wrong (H.ONEDNN_1X1_NHWC_BUG): found by layer, not by encoder name."""
+    from tgs_salt.config import load_config
+    from tgs_salt.models import build_model
+
+    conv, seq = torch.nn.Conv2d, torch.nn.Sequential
+    assert H.channels_last_hazard(seq(conv(3, 48, 3, padding=1), conv(3, 48, 1, stride=2))) \
+        == "1 (3 -> 48 channels, 1x1, stride 2)"
+    for safe in (conv(16, 48, 1, stride=2), conv(3, 48, 1), conv(3, 48, 3, stride=2), conv(8, 8, 1, stride=2, groups=8)):
+        assert H.channels_last_hazard(seq(safe)) is None, safe
+    assert H.channels_last_hazard(build_model(load_config("cpu_budget")["model"], 3)) is None
+    mobileone = build_model(load_config("cpu_budget", ["model.encoder=mobileone_s0"])["model"], 3)
+    assert H.channels_last_hazard(mobileone).startswith("encoder.stage0.rbr_scale.conv (3 -> 48 channels")
+
+
+def test_safe_layouts_measure_nchw_only_where_channels_last_is_unsafe(caplog):
+    bad = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1, stride=2), torch.nn.Conv2d(8, 1, 1),
+                              torch.nn.Upsample(scale_factor=2))
+    t = {**AUTO, "amp": False}
+    with caplog.at_level("WARNING", logger="tgs_salt.hardware"):
+        safe = H.safe_layouts(t, bad, CPU)
+    assert safe["channels_last"] is False and t["channels_last"] == "auto"
+    assert "0 (3 -> 8 channels, 1x1, stride 2)" in caplog.text and "oneDNN" in caplog.text
+    assert H.candidates(safe, CPU) == [(None, False)]
+    assert H.safe_layouts({**t, "channels_last": False}, bad, CPU)["channels_last"] is False
+    assert H.safe_layouts(t, bad, torch.device("cuda")) is t  # cuDNN, not oneDNN
+    assert H.safe_layouts(t, torch.nn.Sequential(torch.nn.Conv2d(16, 8, 1, stride=2)), CPU) is t
+    with pytest.raises(UserError, match="set train.channels_last: false"):
+        H.safe_layouts({**t, "channels_last": True}, bad, CPU)
+    # the real probe on that model: NCHW timed, channels_last (which crashed this process on an AVX2 EPYC) not
+    x, y = torch.randn(4, 3, 64, 64), (torch.rand(4, 1, 64, 64) > 0.5).float()
+    timer = H.make_step_timer(bad, x, y, torch.nn.functional.binary_cross_entropy_with_logits, lambda v: v, CPU,
+                              steps=1, min_seconds=0)
+    assert H.choose(safe, CPU, timer, batch=4).name == "fp32+NCHW"
+
+
 def test_probe_effort_scales_with_a_budget_under_an_hour():
     assert B.probe_effort(None) == 1.0 and B.probe_effort(60) == 1.0 and B.probe_effort(600) == 1.0
     assert B.probe_effort(6) == pytest.approx(0.1) and B.probe_effort(1) == pytest.approx(1 / 60)

@@ -295,6 +295,37 @@ def candidates(train_cfg: dict, device: torch.device,
     return [(d, c) for d in dtypes for c in layouts]
 
 
+ONEDNN_1X1_NHWC_BUG = "https://github.com/uxlfoundation/oneDNN/issues/6035"
+
+
+def channels_last_hazard(model: torch.nn.Module) -> str | None:
+    """The first layer that channels_last training on a CPU cannot run safely, or None. oneDNN's 1x1
+    convolution computes a strided layer's weight gradient out of bounds in NHWC when the layer has
+    fewer input channels than the ISA's block (8 with AVX2, 16 with AVX-512): a crash, a hang or
+    wrong weights (ONEDNN_1X1_NHWC_BUG). torch 2.14 on an AVX2 EPYC: ``Conv2d(3, 48, 1, stride=2)``
+    segfaults in backward with 3 or 4 input channels, runs with 8 or 16 and in NCHW. smp's mobileone
+    encoders start with one (their ``rbr_scale`` branch on the input); the ResNets have none."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1) and max(mod.stride) > 1 \
+                and mod.groups == 1 and mod.in_channels < 16:
+            return f"{name} ({mod.in_channels} -> {mod.out_channels} channels, 1x1, stride {mod.stride[0]})"
+    return None
+
+
+def safe_layouts(train_cfg: dict, model: torch.nn.Module, device: torch.device) -> dict:
+    """``train_cfg`` with channels_last ruled out on a CPU where :func:`channels_last_hazard` finds a
+    layer (``auto`` then measures NCHW only, with a warning); ``true`` there is a user error."""
+    hazard = channels_last_hazard(model) if device.type == "cpu" else None
+    if hazard is None or train_cfg["channels_last"] is False:
+        return train_cfg
+    why = (f"the model's layer {hazard} trains wrongly in channels_last on a CPU (oneDNN's 1x1 convolution "
+           f"with a stride and few input channels: a crash, a hang or wrong weights; {ONEDNN_1X1_NHWC_BUG})")
+    if train_cfg["channels_last"] is True:
+        raise UserError(f"train.channels_last is true, but {why}: set train.channels_last: false (or auto)")
+    log.warning("channels_last not measured: %s; NCHW only", why)
+    return {**train_cfg, "channels_last": False}
+
+
 def rule_based(train_cfg: dict, device: torch.device, capability: tuple[int, int] | None = None,
                flags: set[str] | None = None) -> Precision:
     """The choice without measuring: CUDA by compute capability; CPU bf16 only where native."""

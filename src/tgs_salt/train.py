@@ -798,7 +798,8 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     timer = hardware.make_step_timer(model, x, y, get_loss(t["stages"][0]["loss"]), geo.crop, device,
                                      min_seconds=min_s)
     cap = facts.get("capability")
-    prec = hardware.choose(t, device, timer, batch, tuple(cap) if cap else None)
+    layouts = hardware.safe_layouts(t, model, device)
+    prec = hardware.choose(layouts, device, timer, batch, tuple(cap) if cap else None)
     train_rate = prec.rates.get(prec.name)
     if want_rates and train_rate is None:
         train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
