@@ -28,9 +28,10 @@ from tgs_salt.train import batch_loss
 from tgs_salt.transforms import InputBuilder
 
 
-def make_step(cfg: dict, precision: H.Precision, device):
+def make_step(cfg: dict, precision: H.Precision, device, name: str = ""):
     """One training step of the config's model on a random batch of its batch size (at
-    ``train.low_res_size`` when the config sets it: the step of progressive resizing's first phase)."""
+    ``train.low_res_size`` when the config sets it: the step of progressive resizing's first phase),
+    and the name of the precision it runs in (NCHW where channels_last is unsafe for the model)."""
     torch.manual_seed(0)
     batch = cfg["train"]["batch_size"]
     builder = InputBuilder.from_config(cfg)
@@ -38,6 +39,11 @@ def make_step(cfg: dict, precision: H.Precision, device):
         builder = builder.at_size(cfg["train"]["low_res_size"])
     geo = builder.geo
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
+    hazard = H.channels_last_hazard(model) if precision.channels_last and device.type == "cpu" else None
+    if hazard:  # as the training probe does (hardware.safe_layouts): this layer crashes or hangs in channels_last
+        print(f"{name or cfg['name']} timed in NCHW: its layer {hazard} trains wrongly in channels_last on a CPU "
+              f"({H.ONEDNN_1X1_NHWC_BUG})")
+        precision = H.Precision(precision.dtype, False)
     model = model.to(device=device, memory_format=precision.memory_format).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, builder.n_channels, geo.pad_to, geo.pad_to, device=device)
@@ -56,7 +62,7 @@ def make_step(cfg: dict, precision: H.Precision, device):
         opt.step()
 
     step()  # warm-up
-    return step
+    return step, precision.name
 
 
 def main():
@@ -79,7 +85,8 @@ def main():
     cfgs = {a.config: base}
     for name, *sets in a.variant:
         cfgs[name] = load_config(a.config, sets)
-    steps = {name: make_step(cfg, precision, device) for name, cfg in cfgs.items()}
+    made = {name: make_step(cfg, precision, device, name) for name, cfg in cfgs.items()}
+    steps = {name: step for name, (step, _) in made.items()}
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(a.rounds):
         for name, step in (steps.items() if r % 2 == 0 else reversed(list(steps.items()))):
@@ -94,7 +101,7 @@ def main():
         "config": a.config, "device": str(device), "cpu_kind": H.cpu_kind(),
         "precision": precision.name, "rounds": a.rounds,
         "variants": {name: {"overrides": copy.deepcopy(sets), "batch": cfgs[name]["train"]["batch_size"],
-                            "images_per_s": round(med[name], 2),
+                            "precision": made[name][1], "images_per_s": round(med[name], 2),
                             "per_round": [round(v, 2) for v in rates[name]],
                             "cost_vs_config": round(ref / med[name], 3)}
                      for name, sets in [(a.config, [])] + [(v[0], v[1:]) for v in a.variant]},
