@@ -39,10 +39,9 @@ def make_step(cfg: dict, precision: H.Precision, device, name: str = ""):
         builder = builder.at_size(cfg["train"]["low_res_size"])
     geo = builder.geo
     model = build_model(dict(cfg["model"], encoder_weights=None), builder.n_channels)
-    hazard = H.channels_last_hazard(model) if precision.channels_last and device.type == "cpu" else None
-    if hazard:  # as the training probe does (hardware.safe_layouts): this layer crashes or hangs in channels_last
-        print(f"{name or cfg['name']} timed in NCHW: its layer {hazard} trains wrongly in channels_last on a CPU "
-              f"({H.ONEDNN_1X1_NHWC_BUG})")
+    why = H.channels_last_unsafe(model, device) if precision.channels_last else None
+    if why:  # as the training probe does (hardware.safe_layouts)
+        print(f"{name or cfg['name']} timed in NCHW: {why}")
         precision = H.Precision(precision.dtype, False)
     model = model.to(device=device, memory_format=precision.memory_format).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

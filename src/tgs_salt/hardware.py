@@ -312,14 +312,24 @@ def channels_last_hazard(model: torch.nn.Module) -> str | None:
     return None
 
 
-def safe_layouts(train_cfg: dict, model: torch.nn.Module, device: torch.device) -> dict:
-    """``train_cfg`` with channels_last ruled out on a CPU where :func:`channels_last_hazard` finds a
-    layer (``auto`` then measures NCHW only, with a warning); ``true`` there is a user error."""
+def channels_last_unsafe(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why ``model`` must not train in channels_last on ``device`` (a sentence for a log or an
+    error), or None: a layer :func:`channels_last_hazard` finds, on a CPU (oneDNN) only."""
     hazard = channels_last_hazard(model) if device.type == "cpu" else None
-    if hazard is None or train_cfg["channels_last"] is False:
+    if hazard is None:
+        return None
+    return (f"the model's layer {hazard} trains wrongly in channels_last on a CPU (oneDNN's 1x1 convolution "
+            f"with a stride and few input channels: a crash, a hang or wrong weights; {ONEDNN_1X1_NHWC_BUG})")
+
+
+def safe_layouts(train_cfg: dict, model: torch.nn.Module, device: torch.device) -> dict:
+    """``train_cfg`` with channels_last ruled out where :func:`channels_last_unsafe` says so
+    (``auto`` then measures NCHW only, with a warning); ``true`` there is a user error."""
+    if train_cfg["channels_last"] is False:
         return train_cfg
-    why = (f"the model's layer {hazard} trains wrongly in channels_last on a CPU (oneDNN's 1x1 convolution "
-           f"with a stride and few input channels: a crash, a hang or wrong weights; {ONEDNN_1X1_NHWC_BUG})")
+    why = channels_last_unsafe(model, device)
+    if why is None:
+        return train_cfg
     if train_cfg["channels_last"] is True:
         raise UserError(f"train.channels_last is true, but {why}: set train.channels_last: false (or auto)")
     log.warning("channels_last not measured: %s; NCHW only", why)
