@@ -1,4 +1,5 @@
 import json
+import types
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ from tgs_salt import losses
 from tgs_salt.data import load_train
 from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
 from tgs_salt.errors import UserError
-from tgs_salt.train import TrainingError, next_epoch, observe, time_left, train_fold
+from tgs_salt.train import TrainingError, next_epoch, observe, phase_costs, time_left, train_fold
 
 # ----------------------------------------------------------------------------- folds
 
@@ -473,6 +474,37 @@ def test_fold_eta_counts_each_resolution_phase_apart():
     assert time_left({B.LOW: [], B.FULL: [80.0]}, {B.LOW: 3, B.FULL: 1}, {B.LOW: 0.5, B.FULL: 1.0}) == \
         pytest.approx(3 * 40 + 80)
     assert time_left({B.LOW: [], B.FULL: [80.0]}, {B.LOW: 0, B.FULL: 0}, px) == 0
+
+
+def test_fold_eta_costs_a_phase_not_seen_yet_by_the_time_plan(tmp_path, synth_dir, monkeypatch):
+    """A run with a time plan scales the ETA of the phases it has not trained yet by the plan's relative
+    costs (measured by its probe), not by pixels: a 64 px epoch costs ~0.4 of a 112 px one on CPU, not
+    the 0.33 of its pixels. Without a plan (or without progressive resizing in it), pixels."""
+    size = lambda px: types.SimpleNamespace(geo=types.SimpleNamespace(pad_to=px))  # noqa: E731
+    builders = {B.LOW: size(64), B.MID: None, B.FULL: size(112)}
+    pixels = {B.LOW: pytest.approx((64 / 112) ** 2), B.FULL: 1.0}
+    assert phase_costs(None, builders) == pixels
+    assert phase_costs({"low_res": None}, builders) == pixels
+    assert phase_costs({"low_res": {"share": 0.5, "relative_cost": 0.43}}, builders) == {B.LOW: 0.43, B.FULL: 1.0}
+    mid = {"share": 0.4, "relative_cost": 0.43, "mid_share": 0.2, "mid_relative_cost": 0.7}
+    assert phase_costs({"low_res": mid}, {**builders, B.MID: size(96)}) == {B.LOW: 0.43, B.MID: 0.7, B.FULL: 1.0}
+    low = {B.LOW: [9.0, 9.0], B.FULL: []}
+    assert time_left(low, {B.LOW: 47, B.FULL: 115}, phase_costs({"low_res": mid}, builders)) == \
+        pytest.approx(47 * 9 + 115 * 9 / 0.43)
+
+    # train_fold reads the run's plan: the ETA of its first (64 px) epochs uses the plan's cost
+    import tgs_salt.train as T
+    told = []
+    monkeypatch.setattr(T, "time_left", lambda times, left, costs: told.append(dict(costs)) or 0.0)
+    train = {"batch_size": 8, "select": "last", "max_train_batches": 1, "low_res_size": 64, "low_res_fraction": 0.5,
+             "stages": [{"loss": "bce + 0.5*lovasz_symmetric", "epochs": 2}]}
+    cfg, data, folds = _setup(tmp_path, synth_dir, input={"resize": 101, "pad_to": 112}, train=train)
+    (tmp_path / "r").mkdir()
+    B.write_plan(tmp_path / "r", {"low_res": {"share": 0.5, "relative_cost": 0.43}})
+    train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert told == [{B.LOW: 0.43, B.FULL: 1.0}] * 2
+    train_fold(cfg, 0, tmp_path / "p", data, folds, device=torch.device("cpu"))  # no plan: pixels
+    assert told[2:] == [pixels] * 2
 
 
 def test_low_res_epochs_are_validated_only_at_the_switch_unless_asked(tmp_path, synth_dir, monkeypatch):
