@@ -480,7 +480,9 @@ def test_fold_eta_costs_a_phase_not_seen_yet_by_the_time_plan(tmp_path, synth_di
     """A run with a time plan scales the ETA of the phases it has not trained yet by the plan's relative
     costs (measured by its probe), not by pixels: a 64 px epoch costs ~0.4 of a 112 px one on CPU, not
     the 0.33 of its pixels. Without a plan (or without progressive resizing in it), pixels."""
-    size = lambda px: types.SimpleNamespace(geo=types.SimpleNamespace(pad_to=px))  # noqa: E731
+    def size(px):
+        return types.SimpleNamespace(geo=types.SimpleNamespace(pad_to=px))
+
     builders = {B.LOW: size(64), B.MID: None, B.FULL: size(112)}
     pixels = {B.LOW: pytest.approx((64 / 112) ** 2), B.FULL: 1.0}
     assert phase_costs(None, builders) == pixels
