@@ -886,3 +886,88 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
     assert main(["-v", "score", str(tmp_path / "nope.csv"), "--truth", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "does not exist" in err
+
+
+# ----------------------------------------------------------------------------- larger encoder
+
+def test_larger_encoder_switch_and_planned_config(tmp_path):
+    """model.larger_encoder replaces model.encoder only when the plan gives the configured one at least
+    model.larger_encoder_min_epochs per fold; apply_plan, planned (what prediction and CV read) and the
+    plan's description carry the switch."""
+    from tgs_salt import config as C
+
+    cfg = C.load_config("cpu_budget", ["model.larger_encoder=resnet34", "model.larger_encoder_min_epochs=150"])
+    assert B.larger_encoder(cfg, {"epochs": [149]}) is None
+    sw = B.larger_encoder(cfg, {"epochs": [150]})
+    assert sw == {"from": "resnet18", "to": "resnet34", "epochs_from": 150, "min_epochs": 150}
+    assert B.larger_encoder(C.load_config("demo"), {"epochs": [500]}) is None  # null: off (demo, the default)
+    same = C.load_config("cpu_budget", ["model.larger_encoder=resnet18", "model.larger_encoder_min_epochs=1"])
+    assert B.larger_encoder(same, {"epochs": [500]}) is None
+    plain = C.load_config("cpu_budget", ["model.arch=plain_unet"])  # no encoder: the switch does not apply
+    assert B.larger_encoder(plain, {"epochs": [500]}) is None
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(b"x")  # a local weights file fits the configured encoder only
+    assert B.larger_encoder(C.load_config("cpu_budget", [f"model.encoder_weights={weights}"]), {"epochs": [500]}) is None
+    assert B.larger_encoder(C.load_config("cpu_budget"), {"epochs": [150]})["to"] == "resnet34"  # cpu_budget: on
+    plan = {"epochs": [131], "warmup_epochs": 1.0, "encoder": "resnet34", "encoder_switch": sw, "tta_shift": 0}
+    out = B.apply_plan(cfg, plan)
+    assert out["model"]["encoder"] == "resnet34" and out["predict"]["tta_shift"] == 0
+    assert out["train"]["stages"][0]["epochs"] == 131 and cfg["model"]["encoder"] == "resnet18"  # a copy
+    assert B.planned(cfg, plan)["model"]["encoder"] == "resnet34" and B.planned(cfg, None) is cfg
+    assert B.planned(cfg, {"epochs": [60]}) is cfg
+    text = B.describe({**plan, "budget_minutes": 60, "n_folds": 1, "epoch_s": 30.0, "fixed_s": 70.0,
+                       "total_s": 3500.0, "job_start": 0.0, "low_res": None})
+    assert "model.encoder resnet34 (model.larger_encoder: the plan gave resnet18 150 epochs per fold" in text
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["model.larger_encoder=resnet999"], "model.larger_encoder = 'resnet999' is not an smp encoder"),
+    (["model.larger_encoder_min_epochs=0"], "model.larger_encoder_min_epochs"),
+])
+def test_larger_encoder_config_errors(sets, msg):
+    from tgs_salt import config as C
+
+    with pytest.raises(UserError, match=msg):
+        C.load_config("cpu_budget", sets)
+
+
+def test_budgeted_run_probes_and_plans_the_larger_encoder(tmp_path, synth_dir):
+    """A fresh plan that gives model.encoder (resnet18) at least model.larger_encoder_min_epochs per
+    fold probes model.larger_encoder (resnet34) and plans again for it: plan.json names the encoder and
+    why, precision.json holds the larger encoder's probe, and a second job follows both without probing
+    again. With a bar the plan does not reach, the configured encoder is planned and probed once."""
+    from tgs_salt import config as C
+    from tgs_salt.report import read_run
+    from tgs_salt.runs import run_row
+
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_weights": None, "encoder_depth": 3,
+             "decoder_channels": [16, 8, 4], "larger_encoder": "resnet34", "larger_encoder_min_epochs": 1}
+    cfg = tiny_config(tmp_path, model=model, train={"max_train_batches": 2},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    run = tmp_path / "run"
+    args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
+            "--device", "cpu", "--threads", "1", "--plan-only"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((run / "plan.json").read_text())
+    prec = json.loads((run / "precision.json").read_text())
+    assert plan["encoder"] == "resnet34" and plan["encoder_switch"]["from"] == "resnet18"
+    assert plan["encoder_switch"]["epochs_from"] >= 1 and prec["encoder"] == "resnet34" and prec["train_rate"] > 0
+    assert "model.larger_encoder: the plan gives resnet18" in r.stderr and "model.encoder resnet34" in r.stderr
+    assert r.stderr.count("probe took") == 2
+    user_cfg = C.load_config(str(cfg))
+    assert B.apply_plan(user_cfg, plan)["model"]["encoder"] == "resnet34"  # what train_fold builds and saves
+    assert read_run(run)[0]["model"]["encoder"] == "resnet34"  # what CV and prediction read
+    assert "model.encoder=resnet34(plan)" in run_row(run)["changed"]  # the `runs` table
+    r = run_cli(*args)  # a second job: the plan and the larger encoder's precision, as they are
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "following the time plan" in r.stderr and "chosen before" in r.stderr and "probe took" not in r.stderr
+    assert json.loads((run / "plan.json").read_text()) == plan
+
+    cfg = tiny_config(tmp_path, model={**model, "larger_encoder_min_epochs": 100000}, train={"max_train_batches": 2},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    r = run_cli(*args[:2], cfg, *args[3:6], tmp_path / "run2", *args[7:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((tmp_path / "run2" / "plan.json").read_text())
+    assert "encoder" not in plan and "larger_encoder" not in r.stderr and r.stderr.count("probe took") == 1
+    assert json.loads((tmp_path / "run2" / "precision.json").read_text())["encoder"] == "resnet18"

@@ -120,6 +120,37 @@ def planned_views(cfg: dict, plan: dict | None) -> dict:
     return out
 
 
+def larger_encoder(cfg: dict, plan: dict) -> dict | None:
+    """The switch to ``model.larger_encoder`` a fresh time ``plan`` made for ``model.encoder`` calls for,
+    or None. Past ~120 epochs the recipe's ResNet18 only fits its 2400 images closer (a native-bf16
+    host's hour: 208 epochs, validation metric flat from epoch ~118 at ~0.80); ResNet34 spends the same
+    hour better there (131 epochs: +0.0126 paired at threshold 0.5, README). So a plan that gives the
+    configured encoder at least ``model.larger_encoder_min_epochs`` epochs per fold trains the larger one:
+    the run probes it and plans again (train.setup_plan). What goes into the plan as ``encoder_switch``.
+    Never for the plain baselines (no encoder) or a local ``model.encoder_weights`` file (it fits the
+    configured encoder only)."""
+    from tgs_salt.models import SMP_ARCHS
+
+    m = cfg["model"]
+    big, least = m.get("larger_encoder"), m.get("larger_encoder_min_epochs")
+    per_fold = sum(plan["epochs"])
+    if not big or big == m["encoder"] or per_fold < least or m["arch"] not in SMP_ARCHS \
+            or m["encoder_weights"] not in (None, "null", "imagenet"):
+        return None
+    return {"from": m["encoder"], "to": big, "epochs_from": per_fold, "min_epochs": least}
+
+
+def planned(cfg: dict, plan: dict | None) -> dict:
+    """``cfg`` as the run's time plan trains and predicts it: the encoder it chose (``model.larger_encoder``,
+    see :func:`larger_encoder`) and its test-time views (:func:`planned_views`). A copy when it changes
+    anything."""
+    enc = (plan or {}).get("encoder")
+    if enc and enc != cfg["model"]["encoder"]:
+        cfg = copy.deepcopy(cfg)
+        cfg["model"]["encoder"] = enc
+    return planned_views(cfg, plan)
+
+
 def probe_effort(budget_min: float | None) -> float:
     """The share of its full length each of the precision probe's timings takes under a time budget of
     ``budget_min`` minutes: all of it for an hour or more (or no budget), in proportion below. A timing
@@ -243,7 +274,7 @@ def planned_warmup(cfg: dict) -> float:
 
 
 def apply_plan(cfg: dict, plan: dict) -> dict:
-    """A copy of ``cfg`` with the plan's epochs per stage, warm-up and test-time views."""
+    """A copy of ``cfg`` with the plan's epochs per stage, warm-up, encoder and test-time views."""
     out = copy.deepcopy(cfg)
     stages = out["train"]["stages"]
     epochs = plan["epochs"]
@@ -252,7 +283,7 @@ def apply_plan(cfg: dict, plan: dict) -> dict:
     for st, e in zip(stages, epochs):
         st["epochs"] = int(e)
     out["train"]["warmup_epochs"] = float(plan.get("warmup_epochs", out["train"]["warmup_epochs"]))
-    return planned_views(out, plan)
+    return planned(out, plan)
 
 
 def calibrate(plan: dict, first_epoch_s: float, now: float) -> dict:
@@ -370,11 +401,14 @@ def describe(plan: dict) -> str:
     if low and "mid_relative_cost" in low:
         low_text += (f", the next {low_res_count(low['mid_share'], total)} at the middle one "
                      f"({low['mid_relative_cost']:.2f})")
+    sw = plan.get("encoder_switch")
+    model = (f"model.encoder {sw['to']} (model.larger_encoder: the plan gave {sw['from']} {sw['epochs_from']} epochs "
+             f"per fold, at least {sw['min_epochs']}), " if sw else "")
     dropped = plan.get("tta_shift_dropped")
     views = (f" (predict.tta_shift {dropped['config']} dropped: its views would take {dropped['seconds']:.0f} s, "
              f"{dropped['share']:.0%} of the budget, over predict.tta_shift_max_share {dropped['max_share']:g}; "
              f"flip TTA only)" if dropped else "")
-    return (f"time plan: {plan['budget_minutes']:g} min budget, {plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
+    return (f"time plan: {plan['budget_minutes']:g} min budget, {model}{plan['n_folds']} fold(s) x {sum(plan['epochs'])} "
             f"epochs (stages {'+'.join(map(str, plan['epochs']))}{low_text}), {plan['epoch_s']:.0f} s per epoch, "
             f"{plan['fixed_s']:.0f} s for OOF, CV and prediction{views}; the job should end at {eta} "
             f"({plan['total_s'] / 60:.1f} min)")

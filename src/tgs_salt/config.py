@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
         "deep_supervision": False,      # Unet: mask logits from every earlier decoder block join the training loss
         "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
                                         # starts at 0 (the block starts as the identity; Goyal et al. 2017)
+        "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the
+        "larger_encoder_min_epochs": 150,  # plan gives that one at least this many epochs per fold (it is probed and
+                                        # the plan made again for it: budget.larger_encoder)
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -145,6 +148,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "hypercolumn"): (bool, None, None, False),
     ("model", "deep_supervision"): (bool, None, None, False),
     ("model", "zero_init_residual"): (bool, None, None, False),
+    ("model", "larger_encoder_min_epochs"): (int, 1, 1 << 20, False),
     ("input", "resize"): (int, 16, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),

@@ -65,6 +65,10 @@ def check_model_config(m: dict, where: str = "config") -> None:
         if m["encoder"] not in names:
             raise UserError(f"config {where}: model.encoder = {m['encoder']!r} is not an smp encoder; "
                             f"valid: {', '.join(names)}")
+    big = m.get("larger_encoder")  # used only with an smp arch and no local weights file (budget.larger_encoder)
+    if big is not None and big not in encoder_names():
+        raise UserError(f"config {where}: model.larger_encoder = {big!r} is not an smp encoder; "
+                        f"valid: {', '.join(encoder_names())}")
     if m["norm"] not in ("batch", "group"):
         raise UserError(f"config {where}: model.norm = {m['norm']!r}; allowed: batch, group")
     if m["norm"] == "group" and m["arch"] not in PLAIN_ARCHS:

@@ -31,8 +31,9 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     if not cfg_path.exists() or not facts_path.exists():
         raise UserError(f"{run_dir} is not a training run directory (no config.yaml/run.json); "
                         "train first with `python -m tgs_salt train --config ...`")
-    # the views its OOF passes used and its prediction uses: a time plan may have dropped the shift views
-    cfg = B.planned_views(C.for_reading(yaml.safe_load(cfg_path.read_text())), B.read_plan(run_dir))
+    # the encoder and the views its OOF passes used and its prediction uses: a time plan may have chosen
+    # model.larger_encoder and dropped the shift views
+    cfg = B.planned(C.for_reading(yaml.safe_load(cfg_path.read_text())), B.read_plan(run_dir))
     return cfg, json.loads(facts_path.read_text())
 
 

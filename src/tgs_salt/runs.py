@@ -38,9 +38,11 @@ def run_row(run_dir: Path) -> dict:
     cv = _json(run_dir / "cv.json")
     done = [_json(f) for f in sorted(run_dir.glob("fold*/done.json"))]
     prec = _json(run_dir / "precision.json")
+    enc = _json(run_dir / "plan.json").get("encoder")  # model.larger_encoder, chosen by the time plan
+    changed = changed_keys(cfg) + ([f"model.encoder={enc}(plan)"] if enc else [])
     return {
         "run": run_dir.name, "config": cfg.get("name"),
-        "changed": " ".join(changed_keys(cfg)) or "-",
+        "changed": " ".join(changed) or "-",
         "cv_default": cv.get("score_default_threshold"), "cv_nested": cv.get("score_nested"),
         "cv_tuned": cv.get("score"),
         "threshold": cv.get("threshold"), "min_area": cv.get("min_area"),

@@ -788,7 +788,9 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     facts = _device_facts(device)
     saved = read_precision(run_dir)
     low, mid = t["low_res_size"], t["mid_res_size"]
+    encoder = cfg["model"]["encoder"]  # a plan may train model.larger_encoder instead: probed for itself
     same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
+        and saved.get("encoder", encoder) == encoder \
         and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates) \
         and (not want_rates or not low or (saved.get("low_res") or {}).get("size") == low) \
         and (not want_rates or not mid or (saved.get("mid_res") or {}).get("size") == mid)
@@ -818,7 +820,7 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     train_rate = prec.rates.get(prec.name)
     if want_rates and train_rate is None:
         train_rate = round(batch / timer(prec.dtype, prec.channels_last, batch), 2)
-    out = {**facts, "settings": settings, "precision": prec.to_dict(), "train_rate": train_rate}
+    out = {**facts, "settings": settings, "encoder": encoder, "precision": prec.to_dict(), "train_rate": train_rate}
     if want_rates:
         vb = min(t["val_batch_size"], 64, len(val_idx))
         vrows = val_idx[:vb]
@@ -867,13 +869,37 @@ def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 64) -> float:
 
 def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, *, n_train: int, n_val: int,
                n_test: int, n_folds: int, n_models: int, world: int, job_start: float,
-               will_calibrate: bool = True) -> dict:
-    """The run's time plan: read from ``plan.json``, or made from the measured rates and written."""
+               will_calibrate: bool = True, probe=None) -> dict:
+    """The run's time plan: read from ``plan.json``, or made from the measured rates and written.
+    ``probe(cfg)``: the rates of another model config (:func:`setup_precision`); when the plan gives
+    ``model.encoder`` enough epochs for ``model.larger_encoder`` (:func:`budget.larger_encoder`), that
+    one is probed and the plan made again for it."""
     plan = B.read_plan(run_dir)
     if plan is not None:
         B.check_same_budget(plan, budget_min, run_dir)
         log.info("following the time plan in %s: epochs per stage %s", B.plan_path(run_dir), plan["epochs"])
         return plan
+
+    def make(cfg: dict, rates: dict) -> dict:
+        return _make_plan(cfg, budget_min, rates, n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds,
+                          n_models=n_models, world=world, job_start=job_start, will_calibrate=will_calibrate)
+
+    plan = make(cfg, rates)
+    switch = B.larger_encoder(cfg, plan) if probe is not None else None
+    if switch:
+        log.info("model.larger_encoder: the plan gives %s %d epochs per fold, at least "
+                 "model.larger_encoder_min_epochs %d: %s is probed and trained instead", switch["from"],
+                 switch["epochs_from"], switch["min_epochs"], switch["to"])
+        big = B.planned(cfg, {"encoder": switch["to"]})
+        plan = {**make(big, probe(big)), "encoder": switch["to"], "encoder_switch": switch}
+    B.write_plan(run_dir, plan)
+    log.info(B.describe(plan))
+    return plan
+
+
+def _make_plan(cfg: dict, budget_min: float, rates: dict, *, n_train: int, n_val: int, n_test: int, n_folds: int,
+               n_models: int, world: int, job_start: float, will_calibrate: bool) -> dict:
+    """A time plan for ``cfg`` from the measured ``rates`` (see :func:`setup_plan`)."""
     scale = world * 0.9 if world > 1 else 1.0  # data-parallel ranks share each epoch
     costs = B.Costs(train_rate=rates["train_rate"] * scale, eval_rate=rates["eval_rate"] * scale,
                     n_train=n_train, n_val=n_val, n_test=n_test, n_folds=n_folds, n_models=n_models,
@@ -892,8 +918,6 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
                  "warmup_epochs": B.planned_warmup(cfg), "precision": Precision.from_dict(rates["precision"]).name,
                  # folds trained in parallel processes keep the probe's plan: they could not agree on a change
                  "calibrated": False if will_calibrate else None})
-    B.write_plan(run_dir, plan)
-    log.info(B.describe(plan))
     return plan
 
 
@@ -1016,10 +1040,14 @@ def train_command(args) -> int:
         if pending or args.plan_only:
             first = pending[0] if pending else folds_to_train[0]
             tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
-            need_plan = budget_min is not None and B.read_plan(run_dir) is None
-            if ctx.is_main:
-                info = setup_precision(run_dir, cfg, device, data, tr, va, want_rates=need_plan,
-                                       budget_min=budget_min)
+            plan = B.read_plan(run_dir) if budget_min is not None else None
+            need_plan = budget_min is not None and plan is None
+
+            def probe(c: dict, want_rates: bool = True) -> dict:
+                return setup_precision(run_dir, c, device, data, tr, va, want_rates=want_rates, budget_min=budget_min)
+
+            if ctx.is_main:  # the model the plan trains (model.larger_encoder maybe)
+                info = probe(B.planned(cfg, plan), want_rates=need_plan)
             barrier(ctx)
             info = read_precision(run_dir) if not ctx.is_main else info
             precision = Precision.from_dict(info["precision"])
@@ -1031,10 +1059,12 @@ def train_command(args) -> int:
                                       n_test=count_test_images(data_dir),
                                       n_folds=-(-max(len(pending), 1) // parallel),
                                       n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
-                                      will_calibrate=not args.plan_only and parallel == 1)
+                                      will_calibrate=not args.plan_only and parallel == 1, probe=probe)
                     if plan.get("calibrated") is False:  # a fresh plan, made by this job: kept on time
                         calibrate = _calibrator
                 barrier(ctx)
+                # the precision probed for the model the plan trains (model.larger_encoder: probed again)
+                precision = Precision.from_dict(read_precision(run_dir)["precision"])
                 if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
                     calibrate = _follower  # every rank joins the main process's broadcast of a new plan
         if args.plan_only:
