@@ -137,3 +137,25 @@ def test_cpu_sync_batchnorm_matches_one_batch(tmp_path):
         torch.testing.assert_close(out[r]["b"], ref.bias.grad)
         torch.testing.assert_close(out[r]["rm"], ref.running_mean)
         torch.testing.assert_close(out[r]["rv"], ref.running_var)
+
+
+def test_ddp_ranks_train_the_encoder_the_plan_switched_to(synth_dir, tmp_path):
+    """model.larger_encoder under torchrun: the main process probes resnet18, plans, probes resnet34 and
+    plans again; every rank then trains resnet34 in the precision probed for it (the same weights on
+    both ranks, the checkpoint holds resnet34's extra blocks, done.json's precision is precision.json's)."""
+    model = {"arch": "Unet", "encoder": "resnet18", "encoder_weights": None, "encoder_depth": 3,
+             "decoder_channels": [16, 8, 4], "larger_encoder": "resnet34", "larger_encoder_min_epochs": 1}
+    cfg = tiny_config(tmp_path, model=model, train={"max_train_batches": 1, "batch_size": 4},
+                      folds={"k": 3, "seed": 1, "train_folds": [0]})
+    run = tmp_path / "run"
+    r = torchrun("train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--fold", "0",
+                 "--device", "cpu", "--time-budget", "1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    plan = json.loads((run / "plan.json").read_text())
+    prec = json.loads((run / "precision.json").read_text())
+    assert plan["encoder"] == "resnet34" and prec["encoder"] == "resnet34" and "model.larger_encoder" in r.stderr
+    done = json.loads((run / "fold0" / "done.json").read_text())
+    assert done["world_size"] == 2 and len(set(done["weights_sha1_per_rank"])) == 1
+    ck = torch.load(run / "fold0" / "best.pt", weights_only=True)
+    assert ck["config"]["model"]["encoder"] == "resnet34" and "encoder.layer1.2.conv1.weight" in ck["model"]
+    assert ck["precision"] == prec["precision"]
