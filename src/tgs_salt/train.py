@@ -1049,8 +1049,6 @@ def train_command(args) -> int:
             if ctx.is_main:  # the model the plan trains (model.larger_encoder maybe)
                 info = probe(B.planned(cfg, plan), want_rates=need_plan)
             barrier(ctx)
-            info = read_precision(run_dir) if not ctx.is_main else info
-            precision = Precision.from_dict(info["precision"])
             if budget_min is not None:
                 if ctx.is_main:
                     masks = data.masks[tr] if pseudo is None else np.concatenate([data.masks[tr], pseudo.masks])
@@ -1063,10 +1061,11 @@ def train_command(args) -> int:
                     if plan.get("calibrated") is False:  # a fresh plan, made by this job: kept on time
                         calibrate = _calibrator
                 barrier(ctx)
-                # the precision probed for the model the plan trains (model.larger_encoder: probed again)
-                precision = Precision.from_dict(read_precision(run_dir)["precision"])
                 if ctx.enabled and all_gather_objects(calibrate is not None, ctx)[0] and not ctx.is_main:
                     calibrate = _follower  # every rank joins the main process's broadcast of a new plan
+            # every rank, from the file the main process wrote: the precision probed for the model the plan
+            # trains (with model.larger_encoder, probed again by setup_plan)
+            precision = Precision.from_dict(read_precision(run_dir)["precision"])
         if args.plan_only:
             if ctx.is_main:
                 print(run_dir)
