@@ -124,8 +124,9 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
     """The switch to ``model.larger_encoder`` a fresh time ``plan`` made for ``model.encoder`` calls for,
     or None. Past ~120 epochs the recipe's ResNet18 only fits its 2400 images closer (a native-bf16
     host's hour: 193-208 epochs, validation metric flat from epoch ~118 at ~0.80); ResNet34 spends the
-    same hour better there (126-131 epochs: +0.0126 and +0.0067 paired at threshold 0.5 at two seeds;
-    below 150 ResNet18 epochs nothing was measured to gain, at 47 it lost: README). So a plan that gives the
+    same hour better there (126-131 epochs: +0.0126, +0.0067, +0.0050 paired at threshold 0.5 at three
+    seeds, pooled +0.0081, not resolved from noise; below 150 ResNet18 epochs nothing was measured to gain,
+    at 47 it lost: README). So a plan that gives the
     configured encoder at least ``model.larger_encoder_min_epochs`` epochs per fold trains the larger one:
     the run probes it and plans again (train.setup_plan). What goes into the plan as ``encoder_switch``.
     Never for the plain baselines (no encoder) or a local ``model.encoder_weights`` file (it fits the
