@@ -131,13 +131,13 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
     the run probes it and plans again (train.setup_plan). What goes into the plan as ``encoder_switch``.
     Never for the plain baselines (no encoder) or a local ``model.encoder_weights`` file (it fits the
     configured encoder only)."""
-    from tgs_salt.models import SMP_ARCHS
+    from tgs_salt.models import SMP_ARCHS, local_weights
 
     m = cfg["model"]
     big, least = m.get("larger_encoder"), m.get("larger_encoder_min_epochs")
     per_fold = sum(plan["epochs"])
     if not big or big == m["encoder"] or per_fold < least or m["arch"] not in SMP_ARCHS \
-            or m["encoder_weights"] not in (None, "null", "imagenet"):
+            or local_weights(m["encoder_weights"]):
         return None
     return {"from": m["encoder"], "to": big, "epochs_from": per_fold, "min_epochs": least}
 

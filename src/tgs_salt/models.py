@@ -56,19 +56,25 @@ def encoder_names() -> list[str]:
     return sorted(_smp().encoders.get_encoder_names())
 
 
+def local_weights(weights) -> bool:
+    """Whether ``model.encoder_weights`` names a local weights file (not imagenet, not null)."""
+    return weights not in (None, "null", "imagenet")
+
+
+def _check_encoder(m: dict, key: str, where: str) -> None:
+    names = encoder_names()
+    if m[key] not in names:
+        raise UserError(f"config {where}: model.{key} = {m[key]!r} is not an smp encoder; valid: {', '.join(names)}")
+
+
 def check_model_config(m: dict, where: str = "config") -> None:
     if m["arch"] not in arch_names():
         raise UserError(f"config {where}: model.arch = {m['arch']!r}; valid: {', '.join(arch_names())}")
     if m["arch"] in SMP_ARCHS:
         _offline_when_nothing_to_fetch(m["encoder_weights"])
-        names = encoder_names()
-        if m["encoder"] not in names:
-            raise UserError(f"config {where}: model.encoder = {m['encoder']!r} is not an smp encoder; "
-                            f"valid: {', '.join(names)}")
-    big = m.get("larger_encoder")  # used only with an smp arch and no local weights file (budget.larger_encoder)
-    if big is not None and big not in encoder_names():
-        raise UserError(f"config {where}: model.larger_encoder = {big!r} is not an smp encoder; "
-                        f"valid: {', '.join(encoder_names())}")
+        _check_encoder(m, "encoder", where)
+    if m.get("larger_encoder") is not None:  # used only with an smp arch and no local weights file (budget.larger_encoder)
+        _check_encoder(m, "larger_encoder", where)
     if m["norm"] not in ("batch", "group"):
         raise UserError(f"config {where}: model.norm = {m['norm']!r}; allowed: batch, group")
     if m["norm"] == "group" and m["arch"] not in PLAIN_ARCHS:
@@ -254,7 +260,7 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         kwargs["decoder_attention_type"] = m["decoder_attention"]
     if m.get("cls_head"):  # empty / non-empty logit from the deepest encoder features (avg pool + linear)
         kwargs["aux_params"] = {"classes": 1, "pooling": "avg", "dropout": None, "activation": None}
-    local = weights not in (None, "null", "imagenet")
+    local = local_weights(weights)
     try:
         model = cls(encoder_weights=None if local else weights, in_channels=3 if local else in_channels, **kwargs)
     except UserError:
