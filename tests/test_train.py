@@ -327,6 +327,12 @@ def test_lr_schedules():
     assert lrc.lr(1, 0.0) == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lrc.lr(3, 0.999) == pytest.approx(0.001, rel=1e-3)  # bottom of the stage
     assert lrc.lr(4, 0.0) == pytest.approx(0.002)          # the next stage restarts at its own lr
+    cfg["train"]["schedule"] = "linear"
+    lrc = LRController(cfg)
+    assert lrc.lr(0, 0.5) == pytest.approx(0.0055)         # the same warm-up
+    assert lrc.lr(1, 0.0) == pytest.approx(0.001 + 0.009 * 0.75)  # a straight line from lr to lr * min_lr_ratio
+    assert lrc.lr(3, 0.0) == pytest.approx(0.001 + 0.009 * 0.25)
+    assert lrc.lr(5, 0.5) == pytest.approx(0.0002 + 0.0018 * 0.25)
     cfg["train"]["schedule"] = "plateau"
     cfg["train"]["plateau_patience"] = 2
     lrc = LRController(cfg)

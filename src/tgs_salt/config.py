@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 1e-3,
         "weight_decay": 1e-4,
         "momentum": 0.9,
-        "schedule": "cosine",           # cosine | constant | plateau  (per loss stage)
+        "schedule": "cosine",           # cosine | linear | constant | plateau  (per loss stage)
         "warmup_epochs": 1.0,
         "min_lr_ratio": 0.02,
         "plateau_patience": 3,
@@ -128,7 +128,7 @@ CHOICES = {
     ("model", "decoder_attention"): (None, "scse"),
     ("input", "pad_mode"): ("reflect", "edge", "constant"),
     ("train", "optimizer"): ("adamw", "adam", "sgd"),
-    ("train", "schedule"): ("cosine", "constant", "plateau"),
+    ("train", "schedule"): ("cosine", "linear", "constant", "plateau"),
     ("train", "amp"): ("auto", True, False),
     ("train", "amp_dtype"): ("auto", "bfloat16", "float16"),
     ("train", "channels_last"): ("auto", True, False),

@@ -87,7 +87,7 @@ def git_commit() -> str | None:
 
 
 class LRController:
-    """Per-iteration learning rate over loss stages (cosine / constant / plateau, warm-up)."""
+    """Per-iteration learning rate over loss stages (cosine / linear / constant / plateau, warm-up)."""
 
     def __init__(self, cfg: dict):
         self.t = cfg["train"]
@@ -113,7 +113,10 @@ class LRController:
             return base * self.scale
         p = (pos - self.starts[s]) / self.stages[s]["epochs"]
         lo = base * self.t["min_lr_ratio"]
-        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+        p = min(max(p, 0.0), 1.0)
+        if self.t["schedule"] == "linear":
+            return lo + (base - lo) * (1.0 - p)
+        return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * p))
 
     def new_stage(self) -> None:
         self.scale, self.best, self.bad = 1.0, -math.inf, 0
