@@ -378,3 +378,35 @@ def test_deep_supervision_side_logits_in_training_only():
     assert take_side_logits(m) is None  # nothing at inference
     with pytest.raises(UserError, match="deep_supervision is for arch Unet"):
         C.load_config("cpu_budget", ["model.deep_supervision=true", "model.arch=FPN"])
+
+
+@pytest.mark.parametrize("stem_skip,half_res_head", [(False, False), (True, True), (False, True)])
+def test_light_decoder_options(stem_skip, half_res_head):
+    """model.stem_skip false: the half-resolution block sees no stem features (built without their
+    channels); model.half_res_head: no block at full size, the head's logits upsampled to it."""
+    sets = [f"model.stem_skip={str(stem_skip).lower()}", f"model.half_res_head={str(half_res_head).lower()}"]
+    cfg = C.load_config("cpu_budget", sets)["model"]
+    base = build_model(C.load_config("cpu_budget")["model"], 3)
+    m = build_model(cfg, 3)
+    blocks = m.decoder.decoder.blocks
+    assert len(blocks) == len(base.decoder.blocks) - half_res_head
+    half = blocks[len(cfg["decoder_channels"]) - 2]  # the block at half the input resolution
+    stem = base.encoder.bn1.num_features  # 64 channels from the ResNet stem
+    assert half.conv1[0].in_channels == cfg["decoder_channels"][-3] + (stem if stem_skip else 0)
+    seen = []
+    hooks = [b.register_forward_hook(lambda mod, i, o: seen.append(o.shape[-1])) for b in blocks]
+    m.train()
+    mask, salt = m(torch.randn(2, 3, 112, 112))
+    assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
+    assert seen == [14, 28, 56] + ([] if half_res_head else [112])
+    (mask.mean() + salt.mean()).backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    for h in hooks:
+        h.remove()
+    if half_res_head:  # a constant logit map at half size stays constant once upsampled
+        head = m.segmentation_head
+        with torch.no_grad():
+            y = head[1](torch.full((1, 1, 56, 56), 0.3))
+        assert y.shape[-1] == 112 and torch.allclose(y, torch.full_like(y, 0.3))
+    with pytest.raises(UserError, match="is for arch Unet"):
+        C.load_config("cpu_budget", sets + ["model.arch=FPN"])

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "cls_head": False,              # empty / non-empty classifier on the deepest features; empties masks
         "hypercolumn": False,           # Unet: every decoder block's output, upsampled and fused, feeds the head
         "deep_supervision": False,      # Unet: mask logits from every earlier decoder block join the training loss
+        "stem_skip": True,              # Unet: the decoder's half-resolution block joins the encoder stem's features
+        "half_res_head": False,         # Unet: no decoder block at full size; logits at half size, upsampled (bilinear)
         "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
                                         # starts at 0 (the block starts as the identity; Goyal et al. 2017)
         "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the
@@ -147,6 +149,8 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "cls_head"): (bool, None, None, False),
     ("model", "hypercolumn"): (bool, None, None, False),
     ("model", "deep_supervision"): (bool, None, None, False),
+    ("model", "stem_skip"): (bool, None, None, False),
+    ("model", "half_res_head"): (bool, None, None, False),
     ("model", "zero_init_residual"): (bool, None, None, False),
     ("model", "larger_encoder_min_epochs"): (int, 1, 1 << 20, False),
     ("input", "resize"): (int, 16, 1024, False),

@@ -83,9 +83,11 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
-    for key in ("hypercolumn", "deep_supervision"):
+    for key in ("hypercolumn", "deep_supervision", "half_res_head"):
         if m.get(key) and m["arch"] != "Unet":
             raise UserError(f"config {where}: model.{key} is for arch Unet (got {m['arch']})")
+    if not m.get("stem_skip", True) and m["arch"] != "Unet":
+        raise UserError(f"config {where}: model.stem_skip false is for arch Unet (got {m['arch']})")
     if m.get("zero_init_residual") and (m["arch"] not in SMP_ARCHS or m["encoder_weights"] not in (None, "null")):
         raise UserError(f"config {where}: model.zero_init_residual is for smp ResNet encoders trained from scratch "
                         f"(model.encoder_weights: null; got arch {m['arch']}, encoder_weights {m['encoder_weights']!r})")
@@ -171,11 +173,20 @@ class UnetSideDecoder(nn.Module):
 
     ``deep_supervision``: in training, each earlier block also gives mask logits at its own
     resolution (a 1x1 convolution), left in ``side_logits`` for the training loss (the winners'
-    deep supervision); ``take_side_logits`` collects them. Nothing is added at inference."""
+    deep supervision); ``take_side_logits`` collects them. Nothing is added at inference.
 
-    def __init__(self, decoder: nn.Module, channels: list[int], hypercolumn: bool, deep_supervision: bool):
+    ``stem_skip`` False: the block at half the input resolution gets no skip connection from the
+    encoder's stem (that block is built without its input channels). ``half_res_head``: the last
+    block (at the input resolution) is left out; ``channels`` are then the remaining blocks' widths
+    and the model's head upsamples its logits (``build_model``)."""
+
+    def __init__(self, decoder: nn.Module, channels: list[int], hypercolumn: bool, deep_supervision: bool,
+                 stem_skip: bool = True, half_res_head: bool = False):
         super().__init__()
         self.decoder = decoder
+        self.stem_skip = stem_skip
+        if half_res_head:
+            del decoder.blocks[len(decoder.blocks) - 1]
         early = channels[:-1]
         self.hyper = nn.ModuleList(nn.Conv2d(c, channels[-1], 1, bias=False) for c in early) if hypercolumn else None
         self.fuse = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True)) if hypercolumn else None
@@ -185,7 +196,7 @@ class UnetSideDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         shapes = [f.shape[2:] for f in features][::-1]
         feats = features[1:][::-1]
-        skips = feats[1:]
+        skips = feats[1:] if self.stem_skip else feats[1:-1]  # feats[-1]: the stem's output, at half resolution
         x = self.decoder.center(feats[0])
         outs = []
         for i, block in enumerate(self.decoder.blocks):
@@ -274,9 +285,21 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         _load_local_weights(model, Path(str(weights)).expanduser())
         if in_channels != 3:
             model.encoder.set_in_channels(in_channels, pretrained=True)
-    if m.get("hypercolumn") or m.get("deep_supervision"):
-        model.decoder = UnetSideDecoder(model.decoder, list(m["decoder_channels"]), bool(m.get("hypercolumn")),
-                                        bool(m.get("deep_supervision")))
+    stem_skip, half_res_head = m.get("stem_skip", True), bool(m.get("half_res_head"))
+    if m.get("hypercolumn") or m.get("deep_supervision") or not stem_skip or half_res_head:
+        channels = list(m["decoder_channels"])
+        if not stem_skip:  # the block at half resolution, rebuilt without the stem's channels
+            from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+            i = len(channels) - 2
+            model.decoder.blocks[i] = UnetDecoderBlock(channels[i - 1], 0, channels[i],
+                                                       attention_type=m["decoder_attention"])
+        if half_res_head:  # logits at half resolution, upsampled (bilinear): no decoder block at full size
+            channels = channels[:-1]
+            model.segmentation_head = nn.Sequential(
+                nn.Conv2d(channels[-1], 1, 3, padding=1),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+        model.decoder = UnetSideDecoder(model.decoder, channels, bool(m.get("hypercolumn")),
+                                        bool(m.get("deep_supervision")), stem_skip, half_res_head)
     _drop_unused_stages(model, kwargs["encoder_depth"], in_channels)
     if m.get("zero_init_residual"):
         zero_init_residual(model.encoder, m["encoder"])
