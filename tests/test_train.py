@@ -916,3 +916,33 @@ def test_progress_line_counts_every_process(monkeypatch, caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert "epoch 5/10: batch 31/75, loss 0.5000, 32.0 img/s" in line    # 2 x 496 / 31 s
     assert line.endswith(train._clock(1031.0 + 44 * 1.0))
+
+
+def test_augment_cost_ignores_a_first_call_stall(monkeypatch):
+    """The plan's per-image data cost is the best of several passes after unmeasured warm-up calls:
+    a one-off stall (first-call initialisation, a busy moment) does not enter the plan."""
+    import time as _time
+
+    from tgs_salt import train as T
+
+    calls = []
+
+    class Slow:
+        def __init__(self, images, *a):
+            self.n = len(images)
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            calls.append(i)
+            if len(calls) in (1, 10):  # a stall on the first call, and one in the first measured pass
+                _time.sleep(0.2)
+            return i
+
+    monkeypatch.setattr(T, "AugmentedArrays", Slow)
+    monkeypatch.setattr(T, "build_augment", lambda cfg: None)
+    data = types.SimpleNamespace(images=np.zeros((100, 2, 2)), masks=np.zeros((100, 2, 2)), depths=np.zeros(100))
+    cost = T._augment_cost({"augment": {}}, data, np.arange(100))
+    assert cost < 0.2 / 32 / 4  # neither stall counted (either would add >= 6 ms per image)
+    assert len(calls) == 4 + 3 * 32
