@@ -80,11 +80,15 @@ LEVERS = [
     ("linear decay to zero instead of cosine to 0.02 (AVX2-limited EPYC, 20-min budgets: 35-39 epochs, the slowest hosts')",
      "adopted (free)",
      [files(f"cpu_budget_tb20_s{s}_avx2isa.json", f"cpu_budget_tb20_d2z_s{s}_avx2isa.json") for s in (42, 43, 44)]),
+    ("light decoder: no stem skip, head at half size (AVX2-limited EPYC, 20-min budgets; against the recipe of the session before)",
+     "adopted",
+     [files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ld_s{s}_avx2isa.json") for s in (42, 43, 44)]),
     ("nothing: the recipe against itself at another seed (AMX, AVX2 EPYC) or the same seed again (AVX2-limited EPYC)",
      "-",
      [row(AMX, "cpu_budget, 35 epochs, seed 43"), row(AMX, "+ progressive resizing, seed 44"),
       row(F48, "reference at seed 44"),
-      files("cpu_budget_tb30_empty05_s42_fast_avx2isa.json", "cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json")]),
+      files("cpu_budget_tb30_empty05_s42_fast_avx2isa.json", "cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json"),
+      *[files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ship_s{s}_avx2isa.json") for s in (42, 43)]]),
 ]
 
 

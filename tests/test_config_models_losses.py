@@ -327,9 +327,12 @@ def test_zero_init_residual_starts_blocks_as_identity_and_changes_nothing_else()
                            "mobilenet_v2")
 
 
+FULL_DECODER = ["model.stem_skip=true", "model.half_res_head=false"]  # cpu_budget's decoder is the light one
+
+
 def test_hypercolumn_decoder_fuses_every_block():
     cfg = C.load_config("cpu_budget", ["model.hypercolumn=true", "model.encoder_depth=5", "input.pad_to=128",
-                                       "model.decoder_channels=[128,64,32,16,8]"])["model"]
+                                       "model.decoder_channels=[128,64,32,16,8]", *FULL_DECODER])["model"]
     m = build_model(cfg, 3)
     assert isinstance(m.decoder, UnetSideDecoder) and m.decoder.side is None
     assert [p.in_channels for p in m.decoder.hyper] == [128, 64, 32, 16]
@@ -361,7 +364,7 @@ def test_hypercolumn_equals_concat_then_1x1():
 
 
 def test_deep_supervision_side_logits_in_training_only():
-    cfg = C.load_config("cpu_budget", ["model.deep_supervision=true"])["model"]
+    cfg = C.load_config("cpu_budget", ["model.deep_supervision=true", *FULL_DECODER])["model"]
     m = build_model(cfg, 3)
     assert [h.in_channels for h in m.decoder.side] == cfg["decoder_channels"][:-1] and m.decoder.hyper is None
     m.train()
@@ -386,7 +389,7 @@ def test_light_decoder_options(stem_skip, half_res_head):
     channels); model.half_res_head: no block at full size, the head's logits upsampled to it."""
     sets = [f"model.stem_skip={str(stem_skip).lower()}", f"model.half_res_head={str(half_res_head).lower()}"]
     cfg = C.load_config("cpu_budget", sets)["model"]
-    base = build_model(C.load_config("cpu_budget")["model"], 3)
+    base = build_model(C.load_config("cpu_budget", FULL_DECODER)["model"], 3)
     m = build_model(cfg, 3)
     blocks = m.decoder.decoder.blocks
     assert len(blocks) == len(base.decoder.blocks) - half_res_head
