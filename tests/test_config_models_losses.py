@@ -411,5 +411,7 @@ def test_light_decoder_options(stem_skip, half_res_head):
         with torch.no_grad():
             y = head[1](torch.full((1, 1, 56, 56), 0.3))
         assert y.shape[-1] == 112 and torch.allclose(y, torch.full_like(y, 0.3))
-    with pytest.raises(UserError, match="is for arch Unet"):
-        C.load_config("cpu_budget", sets + ["model.arch=FPN"])
+    for arch in ("FPN", "plain_unet"):  # the Unet's options: other archs build as without them
+        other = C.load_config("cpu_budget", sets + [f"model.arch={arch}"])["model"]
+        plain = C.load_config("cpu_budget", FULL_DECODER + [f"model.arch={arch}"])["model"]
+        assert [p.shape for p in build_model(other, 3).parameters()] == [p.shape for p in build_model(plain, 3).parameters()]

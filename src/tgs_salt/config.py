@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "deep_supervision": False,      # Unet: mask logits from every earlier decoder block join the training loss
         "stem_skip": True,              # Unet: the decoder's half-resolution block joins the encoder stem's features
         "half_res_head": False,         # Unet: no decoder block at full size; logits at half size, upsampled (bilinear)
+                                        # (both ignored by other archs, so that --set model.arch=... works on cpu_budget)
         "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
                                         # starts at 0 (the block starts as the identity; Goyal et al. 2017)
         "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the

@@ -83,11 +83,9 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m["decoder_attention"] == "scse" and min(m["decoder_channels"]) < 16:
         raise UserError(f"config {where}: decoder_attention scse squeezes channels by 16, so every "
                         f"model.decoder_channels must be >= 16 (got {m['decoder_channels']})")
-    for key in ("hypercolumn", "deep_supervision", "half_res_head"):
+    for key in ("hypercolumn", "deep_supervision"):
         if m.get(key) and m["arch"] != "Unet":
             raise UserError(f"config {where}: model.{key} is for arch Unet (got {m['arch']})")
-    if not m.get("stem_skip", True) and m["arch"] != "Unet":
-        raise UserError(f"config {where}: model.stem_skip false is for arch Unet (got {m['arch']})")
     if m.get("zero_init_residual") and (m["arch"] not in SMP_ARCHS or m["encoder_weights"] not in (None, "null")):
         raise UserError(f"config {where}: model.zero_init_residual is for smp ResNet encoders trained from scratch "
                         f"(model.encoder_weights: null; got arch {m['arch']}, encoder_weights {m['encoder_weights']!r})")
@@ -285,7 +283,12 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         _load_local_weights(model, Path(str(weights)).expanduser())
         if in_channels != 3:
             model.encoder.set_in_channels(in_channels, pretrained=True)
-    stem_skip, half_res_head = m.get("stem_skip", True), bool(m.get("half_res_head"))
+    # the light decoder (cpu_budget's) is the Unet's; with another arch, like encoder_depth or decoder_channels
+    # with a plain baseline, the keys do not apply (so that --set model.arch=... works on cpu_budget)
+    light = arch == "Unet"
+    stem_skip, half_res_head = (m.get("stem_skip", True), bool(m.get("half_res_head"))) if light else (True, False)
+    if not light and (not m.get("stem_skip", True) or m.get("half_res_head")):
+        log.info("model.stem_skip / model.half_res_head apply to arch Unet only: not used with %s", arch)
     if m.get("hypercolumn") or m.get("deep_supervision") or not stem_skip or half_res_head:
         channels = list(m["decoder_channels"])
         if not stem_skip:  # the block at half resolution, rebuilt without the stem's channels
