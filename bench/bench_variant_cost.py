@@ -3,7 +3,8 @@ run on this machine: the variants' training steps are timed in alternating round
 neighbour slows them alike) and reported as images/s and as a ratio to the config's own.
 
     python bench/bench_variant_cost.py --config cpu_budget \
-        --variant ds model.deep_supervision=true --variant hc model.hypercolumn=true [--rounds 4] [--suffix S]
+        --variant ds model.deep_supervision=true --variant hc model.hypercolumn=true [--rounds 4] [--suffix S] \
+        [--set train.low_res_size=null]   # overrides for all: here the full-size step instead of the low-res one
 
 A step is the real one: forward, the stage's loss on the mask, the side outputs' and the
 classifier's losses when the variant has them, backward and an AdamW step, in the precision and
@@ -69,6 +70,9 @@ def main():
     p.add_argument("--config", default="cpu_budget")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="a name and the --set overrides that make the variant (repeatable)")
+    p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the config and every variant, e.g. train.low_res_size=null to time the "
+                   "full-size step of a config with progressive resizing")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--precision", default=None, help="e.g. bf16+NCHW (default: the probe's choice for the config)")
@@ -79,11 +83,11 @@ def main():
     if not a.variant:
         p.error("give at least one --variant NAME KEY=VALUE ...")
     device = torch.device(a.device)
-    base = load_config(a.config)
+    base = load_config(a.config, a.common)
     precision = bench_precision(base, device, a.precision)
     cfgs = {a.config: base}
     for name, *sets in a.variant:
-        cfgs[name] = load_config(a.config, sets)
+        cfgs[name] = load_config(a.config, a.common + sets)
     made = {name: make_step(cfg, precision, device, name) for name, cfg in cfgs.items()}
     steps = {name: step for name, (step, _) in made.items()}
     rates: dict[str, list[float]] = {name: [] for name in steps}
@@ -97,7 +101,7 @@ def main():
     med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
     ref = med[a.config]
     result = {
-        "config": a.config, "device": str(device), "cpu_kind": H.cpu_kind(),
+        "config": a.config, "common_overrides": a.common, "device": str(device), "cpu_kind": H.cpu_kind(),
         "precision": precision.name, "rounds": a.rounds,
         "variants": {name: {"overrides": copy.deepcopy(sets), "batch": cfgs[name]["train"]["batch_size"],
                             "precision": made[name][1], "images_per_s": round(med[name], 2),
