@@ -88,7 +88,7 @@ LEVERS = [
      [row(AMX, "cpu_budget, 35 epochs, seed 43"), row(AMX, "+ progressive resizing, seed 44"),
       row(F48, "reference at seed 44"),
       files("cpu_budget_tb30_empty05_s42_fast_avx2isa.json", "cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json"),
-      *[files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ship_s{s}_avx2isa.json") for s in (42, 43)]]),
+      *[files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ship_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
 ]
 
 
