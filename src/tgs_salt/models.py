@@ -174,17 +174,15 @@ class UnetSideDecoder(nn.Module):
     deep supervision); ``take_side_logits`` collects them. Nothing is added at inference.
 
     ``stem_skip`` False: the block at half the input resolution gets no skip connection from the
-    encoder's stem (that block is built without its input channels). ``half_res_head``: the last
-    block (at the input resolution) is left out; ``channels`` are then the remaining blocks' widths
-    and the model's head upsamples its logits (``build_model``)."""
+    encoder's stem (``build_model`` builds that block without its input channels). With
+    ``model.half_res_head`` the decoder comes without its full-size block and ``channels`` are the
+    remaining blocks' widths (``build_model``)."""
 
     def __init__(self, decoder: nn.Module, channels: list[int], hypercolumn: bool, deep_supervision: bool,
-                 stem_skip: bool = True, half_res_head: bool = False):
+                 stem_skip: bool = True):
         super().__init__()
         self.decoder = decoder
         self.stem_skip = stem_skip
-        if half_res_head:
-            del decoder.blocks[len(decoder.blocks) - 1]
         early = channels[:-1]
         self.hyper = nn.ModuleList(nn.Conv2d(c, channels[-1], 1, bias=False) for c in early) if hypercolumn else None
         self.fuse = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True)) if hypercolumn else None
@@ -297,12 +295,13 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
             model.decoder.blocks[i] = UnetDecoderBlock(channels[i - 1], 0, channels[i],
                                                        attention_type=m["decoder_attention"])
         if half_res_head:  # logits at half resolution, upsampled (bilinear): no decoder block at full size
+            del model.decoder.blocks[len(model.decoder.blocks) - 1]
             channels = channels[:-1]
             model.segmentation_head = nn.Sequential(
                 nn.Conv2d(channels[-1], 1, 3, padding=1),
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
         model.decoder = UnetSideDecoder(model.decoder, channels, bool(m.get("hypercolumn")),
-                                        bool(m.get("deep_supervision")), stem_skip, half_res_head)
+                                        bool(m.get("deep_supervision")), stem_skip)
     _drop_unused_stages(model, kwargs["encoder_depth"], in_channels)
     if m.get("zero_init_residual"):
         zero_init_residual(model.encoder, m["encoder"])

@@ -866,7 +866,9 @@ def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 32, rounds: i
     the first plan gave half the epochs the first epoch then showed)."""
     ds = AugmentedArrays(data.images[train_idx], data.masks[train_idx], data.depths[train_idx],
                          build_augment(cfg["augment"]), 0)
-    n = max(min(n, len(ds)), 1)
+    n = min(n, len(ds))
+    if n == 0:  # nothing to time (as the single pass gave)
+        return 0.0
     for i in range(min(4, len(ds))):
         ds[i]
     best = float("inf")
