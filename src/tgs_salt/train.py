@@ -882,12 +882,12 @@ def _augment_cost(cfg: dict, data, train_idx: np.ndarray, n: int = 32, rounds: i
 
 def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, *, n_train: int, n_val: int,
                n_test: int, n_folds: int, n_models: int, world: int, job_start: float,
-               will_calibrate: bool = True, probe=None) -> dict:
-    """The run's time plan: read from ``plan.json``, or made from the measured rates and written.
-    ``probe(cfg)``: the rates of another model config (:func:`setup_precision`); when the plan gives
-    ``model.encoder`` enough epochs for ``model.larger_encoder`` (:func:`budget.larger_encoder`), that
-    one is probed and the plan made again for it."""
-    plan = B.read_plan(run_dir)
+               will_calibrate: bool = True, probe=None, plan: dict | None = None) -> dict:
+    """The run's time plan: ``plan`` (the run's ``plan.json``, read by the caller) when there is one,
+    else made from the measured rates and written. ``probe(cfg)``: the rates of another model config
+    (:func:`setup_precision`); when the plan gives ``model.encoder`` enough epochs for
+    ``model.larger_encoder`` (:func:`budget.larger_encoder`), that one is probed and the plan made again
+    for it."""
     if plan is not None:
         B.check_same_budget(plan, budget_min, run_dir)
         log.info("following the time plan in %s: epochs per stage %s", B.plan_path(run_dir), plan["epochs"])
@@ -1070,7 +1070,8 @@ def train_command(args) -> int:
                                       n_test=count_test_images(data_dir),
                                       n_folds=-(-max(len(pending), 1) // parallel),
                                       n_models=len(expected_folds(cfg)), world=ctx.world, job_start=job_start,
-                                      will_calibrate=not args.plan_only and parallel == 1, probe=probe)
+                                      will_calibrate=not args.plan_only and parallel == 1, probe=probe,
+                                      plan=plan)
                     if plan.get("calibrated") is False:  # a fresh plan, made by this job: kept on time
                         calibrate = _calibrator
                 barrier(ctx)
