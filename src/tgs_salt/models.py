@@ -283,10 +283,10 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
             model.encoder.set_in_channels(in_channels, pretrained=True)
     # the light decoder (cpu_budget's) is the Unet's; with another arch, like encoder_depth or decoder_channels
     # with a plain baseline, the keys do not apply (so that --set model.arch=... works on cpu_budget)
-    light = arch == "Unet"
-    stem_skip, half_res_head = (m.get("stem_skip", True), bool(m.get("half_res_head"))) if light else (True, False)
-    if not light and (not m.get("stem_skip", True) or m.get("half_res_head")):
+    stem_skip, half_res_head = m.get("stem_skip", True), bool(m.get("half_res_head"))
+    if arch != "Unet" and (not stem_skip or half_res_head):
         log.info("model.stem_skip / model.half_res_head apply to arch Unet only: not used with %s", arch)
+        stem_skip, half_res_head = True, False
     if m.get("hypercolumn") or m.get("deep_supervision") or not stem_skip or half_res_head:
         channels = list(m["decoder_channels"])
         if not stem_skip:  # the block at half resolution, rebuilt without the stem's channels
