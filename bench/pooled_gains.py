@@ -86,8 +86,8 @@ LEVERS = [
     ("light decoder at a slow AVX2 hour's compute (AVX2-limited EPYC, 26-min budgets: 57-63 epochs against 51-53; same session)",
      "kept (rule: dropped only if < -0.003 at 0.5 and < 0 nested)",
      [files(f"cpu_budget_tb26_full_s{s}_avx2isa.json", f"cpu_budget_tb26_ld_s{s}_avx2isa.json") for s in (42, 43)]),
-    ("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
-     "epochs against 193-208)", "adopted (model.larger_encoder)",
+    (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
+      "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
       files("cpu_budget_h60_s43_real_bf16.json", "cpu_budget_h60_r34_s43_real_bf16.json"),
       files("cpu_budget_h60_s44_real_bf16.json", "cpu_budget_h60_ship_s44_real_bf16.json")]),
