@@ -272,6 +272,21 @@ def test_augmentations_valid_under_strict_and_deterministic():
         assert any(not torch.equal(ds[4 * 4 + i][0], epoch3[i]) for i in range(4))  # a new draw each epoch
 
 
+def test_timm_universal_encoder():
+    """model.encoder tu-<timm model> (smp's universal encoder) builds with cpu_budget's light decoder, the
+    classifier head and depth 4, every weight trains; a name timm does not know is a UserError."""
+    cfg = C.load_config("cpu_budget", ["model.encoder=tu-resnet10t"])
+    m = build_model(cfg["model"], 3)
+    assert sum(p.numel() for p in m.parameters()) < 0.6 * sum(
+        p.numel() for p in build_model(C.load_config("cpu_budget")["model"], 3).parameters())
+    mask, salt = m(torch.zeros(2, 3, 112, 112))
+    assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
+    (mask.sum() + salt.sum()).backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    with pytest.raises(UserError, match="no timm model 'resnet999t'"):
+        C.load_config("cpu_budget", ["model.encoder=tu-resnet999t"])
+
+
 def test_shallower_encoder_on_a_smaller_input():
     """encoder_depth 4 (no deepest stage) runs on 112 px, 0.77x the pixels of 128, with fewer FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -62,9 +62,17 @@ def local_weights(weights) -> bool:
 
 
 def _check_encoder(m: dict, key: str, where: str) -> None:
+    name = str(m[key])
+    if name.startswith("tu-"):  # smp's universal encoder over any timm model with features_only
+        import timm
+        if not timm.is_model(name[3:]):
+            raise UserError(f"config {where}: model.{key} = {name!r}: no timm model {name[3:]!r} "
+                            "(tu-<name> takes a name from timm.list_models(), e.g. tu-resnet10t)")
+        return
     names = encoder_names()
-    if m[key] not in names:
-        raise UserError(f"config {where}: model.{key} = {m[key]!r} is not an smp encoder; valid: {', '.join(names)}")
+    if name not in names:
+        raise UserError(f"config {where}: model.{key} = {name!r} is not an smp encoder; valid: {', '.join(names)} "
+                        "or tu-<any timm model>")
 
 
 def check_model_config(m: dict, where: str = "config") -> None:
