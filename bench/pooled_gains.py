@@ -87,6 +87,9 @@ LEVERS = [
      "kept (rule: dropped only if < -0.003 at 0.5 and < 0 nested)",
      [files(f"cpu_budget_tb26_full_s{s}_avx2isa.json", f"cpu_budget_tb26_{ld}_s{s}_avx2isa.json")
       for s, ld in ((42, "ld"), (43, "ld"), (44, "ld2"), (45, "ld"))]),
+    ("timm's resnet10t instead of ResNet18 (AVX2-limited EPYC, 20-min budgets: 44-51 epochs against 40-41; same session)",
+     "not adopted",
+     [files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_r10t_s{s}_avx2isa.json") for s in (42, 43, 44)]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
@@ -98,7 +101,8 @@ LEVERS = [
       row(F48, "reference at seed 44"),
       files("cpu_budget_tb30_empty05_s42_fast_avx2isa.json", "cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json"),
       *[files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ship_s{s}_avx2isa.json") for s in (42, 43, 44)],
-      files("cpu_budget_tb26_ld_s44_avx2isa.json", "cpu_budget_tb26_ld2_s44_avx2isa.json")]),
+      files("cpu_budget_tb26_ld_s44_avx2isa.json", "cpu_budget_tb26_ld2_s44_avx2isa.json"),
+      *[files(f"cpu_budget_tb20_ld_s{s}_avx2isa.json", f"cpu_budget_tb20_ship2_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
 ]
 
 
