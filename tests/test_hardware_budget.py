@@ -807,7 +807,9 @@ def test_budgeted_run_plans_low_res_epochs_and_resumes_under_its_plan(tmp_path, 
     args = ["train", "--config", cfg, "--data-dir", synth_dir, "--run-dir", run, "--time-budget", "1",
             "--device", "cpu", "--threads", "1"]
     rc, err = interrupt_when(cli_cmd(*args), run / "fold0" / "best.pt")
-    assert rc == 130, err[-3000:]
+    # once in a CI run under two workers the interrupt was lost (the run went on to its end, exit 0): show where
+    swallowed = [ln for ln in err.splitlines() if "ignored" in ln or "Interrupt" in ln or "Traceback" in ln]
+    assert rc == 130, "\n".join(swallowed[:20]) + "\n...\n" + err[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     prec = json.loads((run / "precision.json").read_text())
     assert "time plan: 1 min budget" in err and "at low resolution" in err and "at the middle one" in err
