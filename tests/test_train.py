@@ -12,7 +12,7 @@ from tgs_salt import budget as B
 from tgs_salt import config as C
 from tgs_salt import losses
 from tgs_salt.data import load_train
-from tgs_salt.data.folds import assign_folds, coverage_class, make_folds
+from tgs_salt.data.folds import assign_folds, coverage_class, make_folds, stripe_masks
 from tgs_salt.errors import UserError
 from tgs_salt.train import TrainingError, next_epoch, observe, phase_costs, time_left, train_fold
 
@@ -32,6 +32,49 @@ def test_folds_are_stratified_and_deterministic():
     for f in range(5):
         assert (a == f).sum() == 100
         assert abs((cls[a == f] == 0).mean() - 0.2) < 0.02
+
+
+def test_stripe_masks_are_the_vertical_label_artefact():
+    m = np.zeros((6, 101, 101), bool)
+    m[1] = True                          # all salt: a real kind of mask, kept
+    m[2][:, 10:30] = True                # whole columns: the artefact
+    m[3][:, 10:30] = True
+    m[3][0, 12] = False                  # ... but one pixel short of it: a mask
+    m[4][50:, :] = True                  # salt below a flat top
+    m[5][:, :40] = True
+    m[5][:, 70:] = True                  # two stripe bands
+    assert stripe_masks(m).tolist() == [False, False, True, False, False, True]
+    assert stripe_masks(m.astype(np.uint8) * 255).tolist() == stripe_masks(m).tolist()
+
+
+def test_drop_stripe_masks_leaves_them_out_of_training_only(tmp_path, synth_dir):
+    from types import SimpleNamespace
+
+    from tgs_salt.train import fold_rows
+
+    cfg, data, folds = _setup(tmp_path, synth_dir, train={
+        "batch_size": 4, "select": "last", "max_train_batches": 1, "stages": [{"loss": "bce", "epochs": 1}]})
+    masks = data.masks.copy()
+    stripes = np.flatnonzero(folds == 1)[:3].tolist() + np.flatnonzero(folds == 0)[:2].tolist()
+    for i in stripes:
+        masks[i] = False
+        masks[i][:, 20:45] = True
+    data = SimpleNamespace(**{**vars(data), "masks": masks})
+    tr, va = fold_rows(cfg, folds, 0, masks)  # off by default: every image
+    assert np.array_equal(tr, np.flatnonzero(folds != 0)) and np.array_equal(va, np.flatnonzero(folds == 0))
+    cfg["train"]["drop_stripe_masks"] = True
+    tr2, va2 = fold_rows(cfg, folds, 0, masks)
+    assert np.array_equal(va2, va)                                   # validation keeps them
+    assert sorted(set(tr) - set(tr2)) == sorted(stripes[:3])         # training loses its own three only
+    done = train_fold(cfg, 0, tmp_path / "r", data, folds, device=torch.device("cpu"))
+    assert done["n_train"] == len(tr) - 3 and done["n_val"] == len(va)
+
+
+def test_real_stripe_masks(shared_data):
+    data = load_train(shared_data)
+    s = stripe_masks(data.masks)
+    assert s.sum() == 84  # of 3001 (1829 with salt), counted by hand from the PNGs
+    assert not (s & ~data.masks.reshape(len(s), -1).any(axis=1)).any()
 
 
 def test_folds_file_protected(synth_dir, tmp_path):

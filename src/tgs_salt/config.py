@@ -90,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
                                         # counted back from the last); select: best, early stopping, plateau see only those
         "empty_fraction": 1.0,          # share of the empty-mask training images each epoch draws afresh (all the
                                         # ones with salt always): fewer, cheaper epochs spent on salt
+        "drop_stripe_masks": False,     # train without the "vertical" masks (every column all salt or all empty:
+                                        # a labelling artefact); validation and CV keep them
         "cpu_malloc": "keep",           # keep | default: on a CPU, glibc's malloc keeps freed memory for the next step
                                         # (no trimming, no mmap: 1.02-1.12x the img/s of real epochs; hardware.keep_freed_memory)
         "sync_bn": False,               # SyncBatchNorm under torchrun
@@ -182,6 +184,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("train", "low_res_size"): (int, 16, 1024, True),
     ("train", "low_res_fraction"): (float, 0, 1, False),
     ("train", "empty_fraction"): (float, "(0", 1, False),
+    ("train", "drop_stripe_masks"): (bool, None, None, False),
     ("train", "mid_res_size"): (int, 16, 1024, True),
     ("train", "mid_res_fraction"): (float, 0, 1, False),
     ("train", "sync_bn"): (bool, None, None, False),

@@ -421,6 +421,18 @@ def _loader(cfg: dict, data, train_idx: np.ndarray, seed: int, device, workers: 
     return loader, sampler, n_batches
 
 
+def fold_rows(cfg: dict, folds: np.ndarray, fold: int, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of a fold; with train.drop_stripe_masks, the training rows
+    without the "vertical" masks (data.folds.stripe_masks). Validation keeps every image: the
+    held-out score stays the competition's."""
+    from tgs_salt.data.folds import stripe_masks
+
+    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    if cfg["train"]["drop_stripe_masks"] and len(train_idx):
+        train_idx = train_idx[~stripe_masks(masks[train_idx])]
+    return train_idx, val_idx
+
+
 def _empty(masks: np.ndarray) -> np.ndarray:
     """Per mask: no salt pixel (pseudo-labels included, as they would be trained)."""
     return ~np.asarray(masks).reshape(len(masks), -1).any(axis=1)
@@ -479,9 +491,13 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
         remove_stale_temps(fdir)
     if last_path.exists() and not resume:
         raise UserError(f"{fdir} holds an unfinished run: pass --resume to continue it or --force to restart")
-    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    train_idx, val_idx = fold_rows(cfg, folds, fold, data.masks)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
+    if t["drop_stripe_masks"] and ctx.is_main:
+        log.info("fold %d: train.drop_stripe_masks: %d of its %d training images left out (every column of the "
+                 "mask all salt or all empty); validation keeps them", fold,
+                 int((folds != fold).sum()) - len(train_idx), int((folds != fold).sum()))
 
     seed = int(t["seed"]) + 1000 * fold
     torch.manual_seed(seed)
@@ -1052,7 +1068,7 @@ def train_command(args) -> int:
         precision, calibrate = None, None
         if pending or args.plan_only:
             first = pending[0] if pending else folds_to_train[0]
-            tr, va = np.flatnonzero(folds != first), np.flatnonzero(folds == first)
+            tr, va = fold_rows(cfg, folds, first, data.masks)
             plan = B.read_plan(run_dir) if budget_min is not None else None
             need_plan = budget_min is not None and plan is None
 

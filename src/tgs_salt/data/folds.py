@@ -25,6 +25,16 @@ def coverage_class(masks: np.ndarray) -> np.ndarray:
     return np.where(cov == 0, 0, cls)
 
 
+def stripe_masks(masks: np.ndarray) -> np.ndarray:
+    """Per mask: the labelling artefact of this competition's "vertical" masks: some salt, not all of
+    it, and every column either all salt or all empty, top to bottom (84 of the 3001 real training
+    masks here; the images rarely show why)."""
+    m = np.asarray(masks).astype(bool).reshape(len(masks), masks.shape[-2], masks.shape[-1])
+    full_cols, empty_cols = m.all(axis=1), ~m.any(axis=1)
+    some = full_cols.any(axis=1) & ~full_cols.all(axis=1)
+    return some & (full_cols | empty_cols).all(axis=1)
+
+
 def assign_folds(ids: np.ndarray, masks: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedKFold
 
