@@ -7,7 +7,8 @@ coverage.
 Per run and on average: the score lost (1 - score, summed over images, divided by their number) on
 empty masks (a false salt pixel costs the image), on masks with salt scored 0 (predicted empty, or an
 IoU of at most 0.5) and on masks with salt partly right, each per coverage bin. Then the images
-scored 0 by every run: what seeds and sessions share, which no averaging of such runs removes.
+scored 0 by every run: what seeds and sessions share, which no averaging of such runs removes; and the
+"vertical" stripe masks (data.folds.stripe_masks), a labelling artefact.
 Reads stored results and the train masks only; writes bench/results/systematic_errors_NAME.json.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from common import save
 
 from tgs_salt.compare import recorded_scores
-from tgs_salt.data.folds import coverage_class
+from tgs_salt.data.folds import coverage_class, stripe_masks
 from tgs_salt.data.kaggle_io import load_train
 from tgs_salt.errors import UserError
 from tgs_salt.report import COVERAGE_LABELS
@@ -46,11 +47,16 @@ def summarize(ids: list[str], scores: np.ndarray, masks: np.ndarray, files: list
                        "scored_0_per_run": round(float((scores[:, sel] == 0).sum(axis=1).mean()), 1),
                        "scored_0_by_every_run": int((scores[:, sel] == 0).all(axis=0).sum())})
     always = (scores == 0).all(axis=0)
+    stripe = stripe_masks(masks)  # the "vertical" label artefact (train.drop_stripe_masks)
     return {
         "runs": len(scores), "images": n,
         "mean_score": round(float(scores.mean()), 4),
         "lost_per_run_mean": {kind: round(float(np.mean([r[kind] for r in per_run])), 4) for kind in kinds},
         "per_run": per_run, "by_coverage": by_bin,
+        "stripe_masks": {"n": int(stripe.sum()),
+                         "mean_score": round(float(scores[:, stripe].mean()), 4) if stripe.any() else None,
+                         "score_lost_of_all": round(float(lost[:, stripe].sum(axis=1).mean() / n), 4),
+                         "scored_0_per_run": round(float((scores[:, stripe] == 0).sum(axis=1).mean()), 1)},
         "scored_0_by_every_run": {"images": int(always.sum()),
                                   "score_they_cost": round(float(always.sum() / n), 4),
                                   "empty_truth": int((always & (cov == 0)).sum()),
@@ -92,6 +98,10 @@ def main() -> None:
     for b in (b for b in result["by_coverage"] if b["n"]):
         print(f"  {b['bin']:>8}: n {b['n']:3d}, score {b['mean_score']:.3f}, lost {b['score_lost_of_all']:.4f}, "
               f"scored 0 {b['scored_0_per_run']:.1f} per run, by every run {b['scored_0_by_every_run']}")
+    st = result["stripe_masks"]
+    if st["n"]:
+        print(f"  stripe masks (every column all salt or all empty): n {st['n']}, score {st['mean_score']:.3f}, "
+              f"lost {st['score_lost_of_all']:.4f}, scored 0 {st['scored_0_per_run']:.1f} per run")
     s = result["scored_0_by_every_run"]
     print(f"  scored 0 by every run: {s['images']} images ({s['empty_truth']} empty), {s['score_they_cost']:.4f} of the score")
     save(f"systematic_errors_{a.name}", result, echo=False)

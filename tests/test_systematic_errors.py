@@ -46,6 +46,13 @@ def test_score_lost_splits_by_kind_and_finds_what_every_run_misses(summarize):
     assert bins["empty"]["scored_0_per_run"] == 0.5 and bins["empty"]["scored_0_by_every_run"] == 0
     assert bins["90-100%"]["scored_0_per_run"] == 0.5 and bins["0-10%"]["scored_0_by_every_run"] == 1
     assert bins["20-30%"]["n"] == 0 and bins["20-30%"]["mean_score"] is None
+    stripe = r["stripe_masks"]  # salt in whole rows is no stripe mask, nor is the full one
+    assert stripe["n"] == 0 and stripe["mean_score"] is None
+    masks[2] = False
+    masks[2][:, :5] = True  # columns 0-4 all salt: a stripe mask
+    r = summarize(["e", "a", "b", "c", "d"], scores, masks, ["r1", "r2"])
+    assert r["stripe_masks"] == {"n": 1, "mean_score": 0.6, "score_lost_of_all": pytest.approx(0.4 / 5),
+                                 "scored_0_per_run": 0.0}
 
 
 def test_scores_a_result_did_not_keep_are_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tgs_salt.errors import UserError
+from tgs_salt.errors import UserError, sticky_interrupt
 
 log = logging.getLogger("tgs_salt")
 
@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with sticky_interrupt():  # Ctrl-C stops the run even when a finalizer swallowed its KeyboardInterrupt
+            return int(args.func(args) or 0)
     except UserError as exc:
         if args.verbose:  # -v: the traceback too, for a bug report
             import traceback

@@ -17,6 +17,7 @@ import torch
 
 from tgs_salt import config as C
 from tgs_salt import hardware
+from tgs_salt.errors import check_interrupt
 from tgs_salt.hardware import Precision
 from tgs_salt.models import split_output
 from tgs_salt.rundir import load_checkpoint
@@ -50,6 +51,7 @@ def predict_arrays(model, builder: InputBuilder, images: np.ndarray, depths: np.
     out = np.empty((len(images), 101, 101), dtype=np.float32)
     cls = None
     for s in range(0, len(images), batch_size):
+        check_interrupt()
         p, c = predict_batch(model, builder, torch.from_numpy(images[s:s + batch_size]),
                              torch.from_numpy(depths[s:s + batch_size]), device, precision, tta, shift)
         out[s:s + batch_size] = p.cpu().numpy()

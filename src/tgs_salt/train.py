@@ -40,7 +40,7 @@ from tgs_salt.distributed import (
     sync_buffers,
 )
 from tgs_salt.ema import EMA
-from tgs_salt.errors import UserError
+from tgs_salt.errors import UserError, check_interrupt
 from tgs_salt.hardware import Precision, resolve_device
 from tgs_salt.inference import predict_arrays
 from tgs_salt.io_utils import (
@@ -337,6 +337,7 @@ def train_one_epoch(fwd_model, model, loader, n_batches: int, state: TrainState,
     for b, (img, mask, depth) in enumerate(loader):
         if b >= n_batches:
             break
+        check_interrupt()
         lr = state.lrc.lr(state.epoch, b / n_batches)
         for g in state.optimizer.param_groups:
             g["lr"] = lr
