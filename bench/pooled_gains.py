@@ -90,6 +90,9 @@ LEVERS = [
     ("timm's resnet10t instead of ResNet18 (AVX2-limited EPYC, 20-min budgets: 44-51 epochs against 40-41; same session)",
      "not adopted",
      [files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_r10t_s{s}_avx2isa.json") for s in (42, 43, 44)]),
+    ("training without the 70 stripe (\"vertical\") masks of fold 0 (AVX2-limited EPYC, 20-min budgets: 44 / 38 epochs against "
+     "40 / 42; same session)", "not adopted",
+     [files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_strip_s{s}_avx2isa.json") for s in (42, 43)]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
@@ -102,7 +105,8 @@ LEVERS = [
       files("cpu_budget_tb30_empty05_s42_fast_avx2isa.json", "cpu_budget_tb30_empty05_s42_again_fast_avx2isa.json"),
       *[files(f"cpu_budget_tb20_d2z_s{s}_avx2isa.json", f"cpu_budget_tb20_ship_s{s}_avx2isa.json") for s in (42, 43, 44)],
       files("cpu_budget_tb26_ld_s44_avx2isa.json", "cpu_budget_tb26_ld2_s44_avx2isa.json"),
-      *[files(f"cpu_budget_tb20_ld_s{s}_avx2isa.json", f"cpu_budget_tb20_ship2_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
+      *[files(f"cpu_budget_tb20_ld_s{s}_avx2isa.json", f"cpu_budget_tb20_ship2_s{s}_avx2isa.json") for s in (42, 43, 44)],
+      *[files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_ship3_s{s}_avx2isa.json") for s in (42, 43)]]),
 ]
 
 
