@@ -90,11 +90,11 @@ LEVERS = [
     ("timm's resnet10t instead of ResNet18 (AVX2-limited EPYC, 20-min budgets: 44-51 epochs against 40-41; same session)",
      "not adopted",
      [files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_r10t_s{s}_avx2isa.json") for s in (42, 43, 44)]),
-    ("training without the 70 stripe (\"vertical\") masks of fold 0 (AVX2-limited EPYC, 20-min budgets: 44 / 38 epochs against "
-     "40 / 42; same session)", "not adopted",
+    (("training without the 70 stripe (\"vertical\") masks of fold 0 (AVX2-limited EPYC, 20-min budgets: 44 / 38 epochs "
+      "against 40 / 42; same session)"), "not adopted",
      [files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_strip_s{s}_avx2isa.json") for s in (42, 43)]),
-    ("low_res_fraction 0.65 instead of 0.5 under a 20-min budget (AVX2-limited EPYC: 46 / 49 epochs against 40 / 42; "
-     "same session)", "not decided (2 of the 3 pairs its rule asks)",
+    (("low_res_fraction 0.65 instead of 0.5 under a 20-min budget (AVX2-limited EPYC: 46 / 49 epochs against 40 / 42; "
+      "same session)"), "not decided (2 of the 3 pairs its rule asks)",
      [files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_lrf65_s{s}_avx2isa.json") for s in (42, 43)]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
