@@ -496,9 +496,9 @@ def train_fold(cfg: dict, fold: int, run_dir: Path, data, folds: np.ndarray, *, 
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise UserError(f"fold {fold} has {len(train_idx)} train and {len(val_idx)} validation images")
     if t["drop_stripe_masks"] and ctx.is_main:
+        n_all = len(folds) - len(val_idx)
         log.info("fold %d: train.drop_stripe_masks: %d of its %d training images left out (every column of the "
-                 "mask all salt or all empty); validation keeps them", fold,
-                 int((folds != fold).sum()) - len(train_idx), int((folds != fold).sum()))
+                 "mask all salt or all empty); validation keeps them", fold, n_all - len(train_idx), n_all)
 
     seed = int(t["seed"]) + 1000 * fold
     torch.manual_seed(seed)

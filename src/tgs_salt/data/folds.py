@@ -29,7 +29,8 @@ def stripe_masks(masks: np.ndarray) -> np.ndarray:
     """Per mask: the labelling artefact of this competition's "vertical" masks: some salt, not all of
     it, and every column either all salt or all empty, top to bottom (84 of the 3001 real training
     masks here; the images rarely show why)."""
-    m = np.asarray(masks).astype(bool).reshape(len(masks), masks.shape[-2], masks.shape[-1])
+    m = np.asarray(masks).astype(bool)
+    m = m.reshape(len(m), *m.shape[-2:])
     full_cols, empty_cols = m.all(axis=1), ~m.any(axis=1)
     some = full_cols.any(axis=1) & ~full_cols.all(axis=1)
     return some & (full_cols | empty_cols).all(axis=1)
