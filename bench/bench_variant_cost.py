@@ -10,7 +10,7 @@ A step is the real one: forward, the stage's loss on the mask, the side outputs'
 classifier's losses when the variant has them, backward and an AdamW step, in the precision and
 memory layout the probe picks for the config on this machine (or --precision). Use the ratio to
 give a variant the epochs that fit in the config's time when it is compared at a fixed number of
-epochs (bench/README.md, "Ablation at a fixed epoch count").
+epochs (docs/results.md, *Two more levers at a slow host's compute*: the fixed-48 table).
 """
 
 import argparse
