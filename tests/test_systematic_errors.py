@@ -70,3 +70,31 @@ def test_scores_a_result_did_not_keep_are_a_clear_error(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"error: {old}: keeps no per-image 'policy' scores" in p.stderr
     assert not list((BENCH / "results").glob("systematic_errors_x_test*"))
+
+
+@pytest.fixture(scope="module")
+def stripe_completion():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("stripe_completion", BENCH / "stripe_completion.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def test_column_completion_fills_only_near_vertical_masks(stripe_completion):
+    pred = np.zeros((3, 10, 10), bool)
+    pred[0, :, 2:5] = True
+    pred[0, 9, 4] = False            # a stripe with one pixel missing: completed
+    pred[0, :2, 7] = True            # and a column only 2/10 salt: emptied by the completion
+    pred[1, 3:6, 3:6] = True         # a blob: its completion (no column half salt) is empty, IoU 0: kept
+    done, hit = stripe_completion.complete(pred, 0.9)
+    assert hit.tolist() == [True, False, False]          # the empty mask is left alone too
+    expect = np.zeros((10, 10), bool)
+    expect[:, 2:5] = True
+    assert np.array_equal(done[0], expect)
+    assert np.array_equal(done[1], pred[1]) and not done[2].any()
+    # the same stripe is kept as predicted at a stricter level: its completion differs by 3 of 32 pixels
+    assert not stripe_completion.complete(pred, 0.95)[1][0]
