@@ -1,4 +1,5 @@
-"""bench/systematic_errors.py: the score lost per kind of image, from hand-made per-image scores."""
+"""bench/systematic_errors.py: the score lost per kind of image, from hand-made per-image scores;
+bench/stripe_completion.py: its column completion, on hand-made masks."""
 
 import importlib.util
 import sys
@@ -10,16 +11,21 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def summarize():
-    sys.path.insert(0, str(BENCH))  # the script imports bench/common.py
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (the scripts import bench/common.py)."""
+    sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("systematic_errors", BENCH / "systematic_errors.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(BENCH))
-    return mod.summarize
+    return mod
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    return bench_module("systematic_errors").summarize
 
 
 def test_score_lost_splits_by_kind_and_finds_what_every_run_misses(summarize):
@@ -74,14 +80,7 @@ def test_scores_a_result_did_not_keep_are_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def stripe_completion():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("stripe_completion", BENCH / "stripe_completion.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return bench_module("stripe_completion")
 
 
 def test_column_completion_fills_only_near_vertical_masks(stripe_completion):
