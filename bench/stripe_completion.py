@@ -22,6 +22,7 @@ from common import save
 
 from tgs_salt.compare import pooled_t
 from tgs_salt.data.folds import stripe_masks
+from tgs_salt.errors import UserError
 from tgs_salt.metric import per_image_scores
 from tgs_salt.postprocess import PostProcess, apply
 from tgs_salt.report import oof_with_truth
@@ -53,12 +54,15 @@ def main():
     gains = {c: [] for c in a.consistency}
     stripe_rows, rows = None, []
     for run in a.runs:
-        _, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
+        try:
+            _, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
+        except (OSError, UserError) as e:
+            raise SystemExit(f"error: {e}") from None
         truth = data.masks[idx] > 0
         stripe = stripe_masks(truth)
         stripe_rows = stripe if stripe_rows is None else stripe_rows
         if not np.array_equal(stripe, stripe_rows):
-            raise SystemExit(f"{run}: held-out images differ from the first run's; pass runs of the same fold")
+            raise SystemExit(f"error: {run}: held-out images differ from the first run's; pass runs of the same fold")
         pred = apply(probs, PostProcess(0.5, 0, None if cls is None else 0.5), cls=cls)
         base = per_image_scores(pred, truth)
         row = {"run": Path(run).name, "default": round(float(base.mean()), 6),
