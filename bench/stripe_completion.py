@@ -52,16 +52,16 @@ def main():
     p.add_argument("--consistency", type=float, nargs="+", default=[0.9, 0.95, 0.97])
     a = p.parse_args()
     gains = {c: [] for c in a.consistency}
-    stripe_rows, rows = None, []
+    first_ids, rows = None, []
     for run in a.runs:
         try:
-            _, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
+            ids, probs, cls, data, idx = oof_with_truth([Path(run)], np.ones(1), Path(a.data_dir))
         except (OSError, UserError) as e:
             raise SystemExit(f"error: {e}") from None
         truth = data.masks[idx] > 0
-        stripe = stripe_masks(truth)
-        stripe_rows = stripe if stripe_rows is None else stripe_rows
-        if not np.array_equal(stripe, stripe_rows):
+        if first_ids is None:
+            first_ids, stripe = ids, stripe_masks(truth)
+        elif not np.array_equal(ids, first_ids):
             raise SystemExit(f"error: {run}: held-out images differ from the first run's; pass runs of the same fold")
         pred = apply(probs, PostProcess(0.5, 0, None if cls is None else 0.5), cls=cls)
         base = per_image_scores(pred, truth)
@@ -84,11 +84,11 @@ def main():
         gain, _, _, _, _, (lo, hi, _) = pooled_t(d)
         n = d.shape[1]
         pooled[str(c)] = {"gain": round(gain, 6), "ci95": [round(lo, 6), round(hi, 6)],
-                          "stripe_part": round(float(d[:, stripe_rows].sum(axis=1).mean() / n), 6),
-                          "other_part": round(float(d[:, ~stripe_rows].sum(axis=1).mean() / n), 6)}
+                          "stripe_part": round(float(d[:, stripe].sum(axis=1).mean() / n), 6),
+                          "other_part": round(float(d[:, ~stripe].sum(axis=1).mean() / n), 6)}
         print(f"consistency > {c}: gain {gain:+.4f} ({lo:+.4f} .. {hi:+.4f}) over {len(ds)} runs; "
               f"stripe images {pooled[str(c)]['stripe_part']:+.4f}, the others {pooled[str(c)]['other_part']:+.4f}")
-    save(a.name, {"runs": rows, "pooled": pooled, "n_stripe_images": int(stripe_rows.sum()),
+    save(a.name, {"runs": rows, "pooled": pooled, "n_stripe_images": int(stripe.sum()),
                   "note": "column completion of near-vertical predictions on OOF at the untuned default"}, echo=False)
 
 
