@@ -88,15 +88,18 @@ LEVERS = [
      [files(f"cpu_budget_tb26_full_s{s}_avx2isa.json", f"cpu_budget_tb26_{ld}_s{s}_avx2isa.json")
       for s, ld in ((42, "ld"), (43, "ld"), (44, "ld2"), (45, "ld"))]),
     ("timm's resnet10t instead of ResNet18 (AVX2-limited EPYC, 20-min budgets: 44-51 epochs against 40-41; same session)",
-     "not adopted",
+     "not adopted alone (with low_res_fraction 0.65: below)",
      [files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_r10t_s{s}_avx2isa.json") for s in (42, 43, 44)]),
     (("training without the 70 stripe (\"vertical\") masks of fold 0 (AVX2-limited EPYC, 20-min budgets: 44 / 38 epochs "
       "against 40 / 42; same session)"), "not adopted",
      [files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_strip_s{s}_avx2isa.json") for s in (42, 43)]),
     (("low_res_fraction 0.65 instead of 0.5 under a 20-min budget (AVX2-limited EPYC: 46 / 49 / 35 epochs against 40 / 42 / 34; "
-      "same session)"), "not adopted",
+      "same session)"), "not adopted alone (with resnet10t: below)",
      [files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_lrf65_s{s}_avx2isa.json") for s in (42, 43)]
      + [files("cpu_budget_tb20_ship4_s44_avx2isa.json", "cpu_budget_tb20_lrf65_s44_avx2isa.json")]),
+    (("resnet10t and low_res_fraction 0.65 together (AVX2-limited EPYC, 20-min budgets: 63 / 68 / 63 epochs against "
+      "41 / 38 / 41; same session)"), "adopted",
+     [files(f"cpu_budget_tb20_ship5_s{s}_avx2isa.json", f"cpu_budget_tb20_combo_s{s}_avx2isa.json") for s in (42, 43, 44)]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
@@ -111,7 +114,9 @@ LEVERS = [
       files("cpu_budget_tb26_ld_s44_avx2isa.json", "cpu_budget_tb26_ld2_s44_avx2isa.json"),
       *[files(f"cpu_budget_tb20_ld_s{s}_avx2isa.json", f"cpu_budget_tb20_ship2_s{s}_avx2isa.json") for s in (42, 43, 44)],
       *[files(f"cpu_budget_tb20_ship2_s{s}_avx2isa.json", f"cpu_budget_tb20_ship3_s{s}_avx2isa.json") for s in (42, 43)],
-      files("cpu_budget_tb20_ship2_s44_avx2isa.json", "cpu_budget_tb20_ship4_s44_avx2isa.json")]),
+      files("cpu_budget_tb20_ship2_s44_avx2isa.json", "cpu_budget_tb20_ship4_s44_avx2isa.json"),
+      *[files(f"cpu_budget_tb20_ship3_s{s}_avx2isa.json", f"cpu_budget_tb20_ship5_s{s}_avx2isa.json") for s in (42, 43)],
+      files("cpu_budget_tb20_ship4_s44_avx2isa.json", "cpu_budget_tb20_ship5_s44_avx2isa.json")]),
 ]
 
 

@@ -14,6 +14,9 @@ def write_cfg(tmp_path, body: dict):
     return p
 
 
+R18 = ["model.encoder=resnet18"]  # cpu_budget trains tu-resnet10t; these tests look inside a ResNet18
+
+
 def test_shipped_configs_load():
     for name in ("competition", "cpu_budget", "demo"):
         cfg = C.load_config(name)
@@ -104,7 +107,7 @@ def test_smp_unet_with_scse_and_local_weights(tmp_path):
         C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.encoder_depth=5", "input.pad_to=128",
                                      "model.decoder_channels=[128,64,32,16,8]"])   # a narrow decoder: 8 channels
     assert ">= 16" in str(e.value)
-    cfg = C.load_config("cpu_budget", ["model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]",
+    cfg = C.load_config("cpu_budget", [*R18, "model.decoder_attention=scse", "model.decoder_channels=[64,32,32,16,16]",
                                        "model.encoder_depth=5", "input.pad_to=128"])["model"]
     m = build_model(cfg, 3).eval()
     mask, salt = m(torch.zeros(1, 3, 128, 128))  # cpu_budget has the classifier head
@@ -122,6 +125,23 @@ def test_smp_unet_with_scse_and_local_weights(tmp_path):
     with pytest.raises(UserError) as e:
         build_model(dict(cfg, encoder_weights=str(bad)), 3)
     assert "match only" in str(e.value)
+    # smp's universal encoder (cpu_budget's tu-resnet10t) has no set_in_channels: its first convolution is
+    # spread over 4 channels as smp does (3/4 of the 3-channel weights each)
+    tu = C.load_config("cpu_budget")["model"]
+    assert tu["encoder"].startswith("tu-")
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in build_model(tu, 3).encoder.state_dict().items()}
+    torch.save(state, w)
+    m3 = build_model(dict(tu, encoder_weights=str(w)), 4).eval()
+    first = next(mod for mod in m3.encoder.modules() if isinstance(mod, torch.nn.Conv2d))
+    assert first.in_channels == 4 and first.weight.shape[1] == 4
+    assert torch.allclose(first.weight, torch.full_like(first.weight, 0.375))
+    assert m3(torch.zeros(1, 4, 112, 112))[0].shape == (1, 1, 112, 112)
+    # a timm checkpoint of the model (keys without the universal encoder's "model." prefix) loads too
+    torch.save({k.removeprefix("model."): v for k, v in state.items()}, w)
+    first = next(mod for mod in build_model(dict(tu, encoder_weights=str(w)), 3).encoder.modules()
+                 if isinstance(mod, torch.nn.Conv2d))
+    assert torch.equal(first.weight, torch.full_like(first.weight, 0.5))
 
 
 def test_losses_known_values():
@@ -278,7 +298,7 @@ def test_timm_universal_encoder():
     cfg = C.load_config("cpu_budget", ["model.encoder=tu-resnet10t"])
     m = build_model(cfg["model"], 3)
     assert sum(p.numel() for p in m.parameters()) < 0.6 * sum(
-        p.numel() for p in build_model(C.load_config("cpu_budget")["model"], 3).parameters())
+        p.numel() for p in build_model(C.load_config("cpu_budget", R18)["model"], 3).parameters())
     mask, salt = m(torch.zeros(2, 3, 112, 112))
     assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
     (mask.sum() + salt.sum()).backward()
@@ -291,10 +311,10 @@ def test_shallower_encoder_on_a_smaller_input():
     """encoder_depth 4 (no deepest stage) runs on 112 px, 0.77x the pixels of 128, with fewer FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = C.load_config("cpu_budget", ["model.encoder_depth=4", "model.decoder_channels=[64,32,16,8]",
+    cfg = C.load_config("cpu_budget", [*R18, "model.encoder_depth=4", "model.decoder_channels=[64,32,16,8]",
                                        "input.pad_to=112"])
     m4 = build_model(cfg["model"], 3).eval()
-    m5 = build_model(C.load_config("cpu_budget", ["model.encoder_depth=5", "input.pad_to=128",
+    m5 = build_model(C.load_config("cpu_budget", [*R18, "model.encoder_depth=5", "input.pad_to=128",
                                                   "model.decoder_channels=[128,64,32,16,8]"])["model"], 3).eval()
     assert isinstance(m4.encoder.layer4, torch.nn.Identity) and not isinstance(m5.encoder.layer4, torch.nn.Identity)
     assert all(p.requires_grad for p in m4.parameters())
@@ -323,7 +343,7 @@ def test_zero_init_residual_starts_blocks_as_identity_and_changes_nothing_else()
     at the same seed (no random number drawn), so an A/B of the option compares that alone."""
     from tgs_salt.models import zero_init_residual
 
-    cfg = C.load_config("cpu_budget", ["model.zero_init_residual=true"])
+    cfg = C.load_config("cpu_budget", [*R18, "model.zero_init_residual=true"])
     torch.manual_seed(0)
     base = build_model(dict(cfg["model"], zero_init_residual=False), 3).state_dict()
     torch.manual_seed(0)
@@ -403,8 +423,8 @@ def test_light_decoder_options(stem_skip, half_res_head):
     """model.stem_skip false: the half-resolution block sees no stem features (built without their
     channels); model.half_res_head: no block at full size, the head's logits upsampled to it."""
     sets = [f"model.stem_skip={str(stem_skip).lower()}", f"model.half_res_head={str(half_res_head).lower()}"]
-    cfg = C.load_config("cpu_budget", sets)["model"]
-    base = build_model(C.load_config("cpu_budget", FULL_DECODER)["model"], 3)
+    cfg = C.load_config("cpu_budget", [*R18, *sets])["model"]
+    base = build_model(C.load_config("cpu_budget", [*R18, *FULL_DECODER])["model"], 3)
     m = build_model(cfg, 3)
     blocks = m.decoder.decoder.blocks
     assert len(blocks) == len(base.decoder.blocks) - half_res_head

@@ -898,19 +898,23 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
     plan's description carry the switch."""
     from tgs_salt import config as C
 
-    cfg = C.load_config("cpu_budget", ["model.larger_encoder=resnet34", "model.larger_encoder_min_epochs=150"])
+    cfg = C.load_config("cpu_budget", ["model.encoder=resnet18", "model.larger_encoder=resnet34",
+                                       "model.larger_encoder_min_epochs=150"])
     assert B.larger_encoder(cfg, {"epochs": [149]}) is None
     sw = B.larger_encoder(cfg, {"epochs": [150]})
     assert sw == {"from": "resnet18", "to": "resnet34", "epochs_from": 150, "min_epochs": 150}
     assert B.larger_encoder(C.load_config("demo"), {"epochs": [500]}) is None  # null: off (demo, the default)
-    same = C.load_config("cpu_budget", ["model.larger_encoder=resnet18", "model.larger_encoder_min_epochs=1"])
+    same = C.load_config("cpu_budget", ["model.larger_encoder=tu-resnet10t", "model.larger_encoder_min_epochs=1"])
     assert B.larger_encoder(same, {"epochs": [500]}) is None
     plain = C.load_config("cpu_budget", ["model.arch=plain_unet"])  # no encoder: the switch does not apply
     assert B.larger_encoder(plain, {"epochs": [500]}) is None
     weights = tmp_path / "r18.pth"
     weights.write_bytes(b"x")  # a local weights file fits the configured encoder only
     assert B.larger_encoder(C.load_config("cpu_budget", [f"model.encoder_weights={weights}"]), {"epochs": [500]}) is None
-    assert B.larger_encoder(C.load_config("cpu_budget"), {"epochs": [150]})["to"] == "resnet34"  # cpu_budget: on
+    on = C.load_config("cpu_budget")  # cpu_budget: on, from tu-resnet10t at 200 epochs
+    assert B.larger_encoder(on, {"epochs": [199]}) is None
+    assert B.larger_encoder(on, {"epochs": [200]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 200,
+                                                       "min_epochs": 200}
     plan = {"epochs": [131], "warmup_epochs": 1.0, "encoder": "resnet34", "encoder_switch": sw, "tta_shift": 0}
     out = B.apply_plan(cfg, plan)
     assert out["model"]["encoder"] == "resnet34" and out["predict"]["tta_shift"] == 0

@@ -23,7 +23,8 @@ SMP_ARCHS = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "MAnet", "PAN", "PSPNet",
              "DeepLabV3Plus", "UPerNet")
 PLAIN_ARCHS = ("plain_unet", "plain_unet_strided", "fcn")
 WEIGHTS_HELP = ("set model.encoder_weights to a local weights file (for resnet34, torchvision's "
-                "resnet34-b627a593.pth or an smp encoder state dict), or to null to train from scratch "
+                "resnet34-b627a593.pth or an smp encoder state dict; for tu-<name>, timm's checkpoint of that "
+                "model), or to null to train from scratch "
                 "(e.g. --set model.encoder_weights=null)")
 
 
@@ -244,6 +245,8 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items()}
     enc = model.encoder
     own = enc.state_dict()
+    if not any(k in own for k in state) and all(k.startswith("model.") for k in own):
+        state = {f"model.{k}": v for k, v in state.items()}  # a timm checkpoint for smp's universal encoder
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(matched) < 0.9 * len(own):
         raise UserError(f"encoder weights {path} match only {len(matched)} of {len(own)} encoder tensors; "
@@ -287,8 +290,12 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
         raise
     if local:
         _load_local_weights(model, Path(str(weights)).expanduser())
-        if in_channels != 3:
-            model.encoder.set_in_channels(in_channels, pretrained=True)
+        if in_channels != 3:  # the first convolution's weights spread over the channels (smp's way)
+            if hasattr(model.encoder, "set_in_channels"):
+                model.encoder.set_in_channels(in_channels, pretrained=True)
+            else:  # smp's universal encoder (tu-<timm model>) has no set_in_channels
+                from segmentation_models_pytorch.encoders._utils import patch_first_conv
+                patch_first_conv(model.encoder, in_channels, pretrained=True)
     # the light decoder (cpu_budget's) is the Unet's; with another arch, like encoder_depth or decoder_channels
     # with a plain baseline, the keys do not apply (so that --set model.arch=... works on cpu_budget)
     stem_skip, half_res_head = m.get("stem_skip", True), bool(m.get("half_res_head"))
