@@ -56,7 +56,9 @@ def save(name: str, result: dict, echo: bool = True) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"hardware": hardware(), **result}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a result file is whole or absent
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
     if echo:
         print(json.dumps(result, indent=2))
     return path

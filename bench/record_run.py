@@ -9,12 +9,29 @@ can be paired against it after its run directory is gone:
 
 import argparse
 import json
+import re
 from pathlib import Path
 
-from common import save
+from common import hardware, save
 
 from tgs_salt.compare import run_scores
 from tgs_salt.errors import UserError
+
+
+def run_hardware(hw: dict, precision: dict | None) -> dict:
+    """The hardware block of a run's result: the recording machine's (``hw``), with the CPU kind the
+    run itself trained under (its ``precision.json``) when that differs, e.g. a run made under
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` and recorded without it; ``recorded_under`` keeps the recorder's kind."""
+    kind = (precision or {}).get("cpu_kind")
+    if not kind or kind == hw.get("cpu_kind"):
+        return hw
+    out = {**hw, "cpu_kind": kind, "recorded_under": hw.get("cpu_kind"),
+           "native_bf16": "bf16" in kind.split(" (")[0]}
+    out.pop("isa_limit", None)
+    limit = re.search(r"ONEDNN_MAX_CPU_ISA=(\w+)", kind)
+    if limit:
+        out["isa_limit"] = limit.group(1).upper()
+    return out
 
 
 def main():
@@ -50,6 +67,7 @@ def main():
         result["per_image"] = run_scores(run, Path(a.data_dir) if a.data_dir else None)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    result["hardware"] = run_hardware(hardware(), result.get("precision"))
     save(a.name, result)
 
 

@@ -1,5 +1,6 @@
 """bench/systematic_errors.py: the score lost per kind of image, from hand-made per-image scores;
-bench/stripe_completion.py: its column completion, on hand-made masks."""
+bench/stripe_completion.py: its column completion, on hand-made masks; bench/record_run.py: the CPU
+kind a recorded run trained under."""
 
 import importlib.util
 import sys
@@ -97,3 +98,19 @@ def test_column_completion_fills_only_near_vertical_masks(stripe_completion):
     assert np.array_equal(done[1], pred[1]) and not done[2].any()
     # the same stripe is kept as predicted at a stricter level: its completion differs by 3 of 32 pixels
     assert not stripe_completion.complete(pred, 0.95)[1][0]
+
+
+def test_record_run_names_the_cpu_kind_the_run_trained_under():
+    run_hardware = bench_module("record_run").run_hardware
+    recorder = {"cpu": "AMD EPYC", "cpu_kind": "AVX-512 bf16", "native_bf16": True, "cores": 2}
+    limited = "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 bf16 CPU)"
+    hw = run_hardware(recorder, {"cpu_kind": limited})
+    assert hw["cpu_kind"] == limited and hw["isa_limit"] == "AVX2" and hw["native_bf16"] is False
+    assert hw["recorded_under"] == "AVX-512 bf16" and hw["cpu"] == "AMD EPYC" and hw["cores"] == 2
+    # recorded under a limit, the run without one: the limit is the recorder's, not the run's
+    under = {**recorder, "cpu_kind": limited, "native_bf16": False, "isa_limit": "AVX2"}
+    hw = run_hardware(under, {"cpu_kind": "AMX bf16"})
+    assert hw["cpu_kind"] == "AMX bf16" and hw["native_bf16"] is True and "isa_limit" not in hw
+    # the same kind, or no precision.json (a GPU run, an old run): the recorder's block unchanged
+    assert run_hardware(recorder, {"cpu_kind": "AVX-512 bf16"}) is recorder
+    assert run_hardware(recorder, None) is recorder
