@@ -53,12 +53,12 @@ def variant_suffix(p, a) -> str:
 
 
 def save(name: str, result: dict, echo: bool = True) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    result = {"hardware": hardware(), **result}
+    from tgs_salt.io_utils import write_json_atomic
+
+    # this machine's hardware first, unless the caller gives its own (record_run: the run's)
+    result = {"hardware": result["hardware"] if "hardware" in result else hardware(), **result}
     path = RESULTS / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")  # a result file is whole or absent
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, result)  # a result file is whole or absent
     if echo:
         print(json.dumps(result, indent=2))
     return path
