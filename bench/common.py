@@ -32,10 +32,17 @@ def hardware() -> dict:
 
 
 def kind_tag(device_type: str = "cpu") -> str:
-    """The end of a result file's name: the CPU kind's first word ("avx2", "avx512", "amx") or "gpu"."""
+    """The end of a result file's name: the CPU kind's first word ("avx2", "avx512", "amx") or "gpu";
+    with "isa" after it when an ISA limit (``ONEDNN_MAX_CPU_ISA``) made the kind ("avx2isa"), so that a bigger CPU
+    measured as an AVX2 one never overwrites a genuine AVX2 host's file (three older files measured
+    limited, ``{epoch_parts,eval_batch,variant_cost}_cpu_cpu_budget_avx2.json``, carry the plain
+    name; their hardware block says so)."""
     from tgs_salt import hardware as H
 
-    return H.cpu_kind().split()[0].lower().replace("-", "") if device_type == "cpu" else "gpu"
+    if device_type != "cpu":
+        return "gpu"
+    kind = H.cpu_kind()
+    return kind.split()[0].lower().replace("-", "") + ("isa" if "(ONEDNN_MAX_CPU_ISA=" in kind else "")
 
 
 def add_variant_args(p) -> None:

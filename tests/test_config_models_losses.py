@@ -61,6 +61,13 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"empty_fraction": 0}}, "train.empty_fraction"),
     ({"model": {"zero_init_residual": True, "encoder_weights": "imagenet"}}, "model.zero_init_residual is for smp"),
     ({"model": {"zero_init_residual": True, "arch": "plain_unet"}}, "model.zero_init_residual is for smp"),
+    ({"model": {"stem_width": 16, "encoder": "resnet18"}}, "model.stem_width is for tu-<timm ResNet> encoders"),
+    ({"model": {"stem_width": 16, "encoder": "tu-resnet10t", "encoder_weights": "imagenet"}},
+     "trained from scratch"),
+    ({"model": {"stem_width": 16, "encoder": "tu-resnet18", "encoder_weights": None}},
+     "timm's resnet18 has no deep stem whose width it sets"),
+    ({"model": {"stem_width": 16, "encoder": "tu-efficientnet_b0", "encoder_weights": None}}, "no deep stem"),
+    ({"model": {"stem_width": 2}}, "model.stem_width = 2"),
     ({"train": {"empty_fraction": 1.5}}, "train.empty_fraction"),
     ({"train": {"small_mask_weight": 0}}, "train.small_mask_weight = 0; a number > 0"),
     ({"train": {"small_mask_coverage": 1.5}}, "train.small_mask_coverage"),
@@ -305,6 +312,32 @@ def test_timm_universal_encoder():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
     with pytest.raises(UserError, match="no timm model 'resnet999t'"):
         C.load_config("cpu_budget", ["model.encoder=tu-resnet999t"])
+
+
+def test_stem_width_narrows_the_timm_stem_only():
+    """model.stem_width 16 builds resnet10t's deep stem as 3 -> 12 -> 16 -> 32 (timm's tiered stem: 24, 32,
+    64 by default), with fewer FLOPs; the rest of the encoder keeps its widths (layer1's first block gets
+    a 1x1 projection from the stem's 32 channels), the model trains, and the output shapes are unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(m):
+        with FlopCounterMode(display=False) as fc:
+            m(torch.zeros(1, 3, 112, 112))
+        return fc.get_total_flops()
+
+    base = build_model(C.load_config("cpu_budget")["model"], 3)
+    cfg = C.load_config("cpu_budget", ["model.stem_width=16"])
+    m = build_model(cfg["model"], 3)
+    stem = [c.out_channels for c in m.encoder.model.conv1 if isinstance(c, torch.nn.Conv2d)]
+    assert stem == [12, 16, 32] and [c.out_channels for c in base.encoder.model.conv1
+                                     if isinstance(c, torch.nn.Conv2d)] == [24, 32, 64]
+    assert m.encoder.model.layer1[0].downsample is not None and base.encoder.model.layer1[0].downsample is None
+    assert m.encoder.model.layer3[0].conv2.weight.shape == base.encoder.model.layer3[0].conv2.weight.shape
+    assert flops(m.eval()) < 0.85 * flops(base.eval())
+    mask, salt = m.train()(torch.zeros(2, 3, 112, 112))
+    assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
+    (mask.sum() + salt.sum()).backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
 def test_shallower_encoder_on_a_smaller_input():

@@ -915,6 +915,11 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
     assert B.larger_encoder(on, {"epochs": [199]}) is None
     assert B.larger_encoder(on, {"epochs": [200]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 200,
                                                        "min_epochs": 200}
+    # model.stem_width is the configured (timm) encoder's: the larger one is built without it
+    narrow = C.load_config("cpu_budget", ["model.stem_width=16"])
+    big = B.planned(narrow, {"encoder": "resnet34"})
+    assert big["model"]["stem_width"] is None and narrow["model"]["stem_width"] == 16
+    assert B.planned(narrow, {"encoder": "tu-resnet10t"}) is narrow
     plan = {"epochs": [131], "warmup_epochs": 1.0, "encoder": "resnet34", "encoder_switch": sw, "tta_shift": 0}
     out = B.apply_plan(cfg, plan)
     assert out["model"]["encoder"] == "resnet34" and out["predict"]["tta_shift"] == 0

@@ -118,3 +118,21 @@ def test_record_run_names_the_cpu_kind_the_run_trained_under(monkeypatch):
     # the same kind, or no precision.json (a GPU run, an old run): the recorder's block unchanged
     assert run_hardware(recorder, {"cpu_kind": "AVX-512 bf16"}) is recorder
     assert run_hardware(recorder, None) is recorder
+
+
+def test_result_file_names_say_when_the_isa_was_limited(monkeypatch):
+    from tgs_salt import hardware as H
+
+    kind_tag = bench_module("common").kind_tag
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(H, "cpu_flags", lambda *a, **k: {"avx2", "fma", "avx512f", "avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert kind_tag() == "avx512" and kind_tag("cuda") == "gpu"
+    # limited to AVX2, the same CPU measures as an AVX2 one: its file must not take a genuine AVX2 host's name
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert H.cpu_kind().startswith("AVX2 only") and kind_tag() == "avx2isa"
+    # a genuine AVX2 host keeps the plain name, limited or not (the limit takes nothing from it)
+    monkeypatch.setattr(H, "cpu_flags", lambda *a, **k: {"avx2", "fma"})
+    assert kind_tag() == "avx2"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert kind_tag() == "avx2"

@@ -146,11 +146,12 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
 def planned(cfg: dict, plan: dict | None) -> dict:
     """``cfg`` as the run's time plan trains and predicts it: the encoder it chose (``model.larger_encoder``,
     see :func:`larger_encoder`) and its test-time views (:func:`planned_views`). A copy when it changes
-    anything."""
+    anything. ``model.stem_width`` belongs to the configured encoder: the larger one is built without it."""
     enc = (plan or {}).get("encoder")
     if enc and enc != cfg["model"]["encoder"]:
         cfg = copy.deepcopy(cfg)
         cfg["model"]["encoder"] = enc
+        cfg["model"]["stem_width"] = None
     return planned_views(cfg, plan)
 
 

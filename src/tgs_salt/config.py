@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
                                         # (both ignored by other archs, so that --set model.arch=... works on cpu_budget)
         "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
                                         # starts at 0 (the block starts as the identity; Goyal et al. 2017)
+        "stem_width": None,             # tu-<timm ResNet> encoders from scratch: the deep stem's width (timm's
+                                        # stem_width; resnet10t's is 32); model.encoder only (a larger_encoder
+                                        # switch drops it)
         "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the
         "larger_encoder_min_epochs": 150,  # plan gives that one at least this many epochs per fold (it is probed and
                                         # the plan made again for it: budget.larger_encoder)
@@ -156,6 +159,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "half_res_head"): (bool, None, None, False),
     ("model", "zero_init_residual"): (bool, None, None, False),
     ("model", "larger_encoder_min_epochs"): (int, 1, 1 << 20, False),
+    ("model", "stem_width"): (int, 4, 1024, True),
     ("input", "resize"): (int, 16, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),
