@@ -61,12 +61,6 @@ def test_unknown_key_lists_allowed(tmp_path):
     ({"train": {"empty_fraction": 0}}, "train.empty_fraction"),
     ({"model": {"zero_init_residual": True, "encoder_weights": "imagenet"}}, "model.zero_init_residual is for smp"),
     ({"model": {"zero_init_residual": True, "arch": "plain_unet"}}, "model.zero_init_residual is for smp"),
-    ({"model": {"stem_width": 16, "encoder": "resnet18"}}, "model.stem_width is for tu-<timm ResNet> encoders"),
-    ({"model": {"stem_width": 16, "encoder": "tu-resnet10t", "encoder_weights": "imagenet"}},
-     "trained from scratch"),
-    ({"model": {"stem_width": 16, "encoder": "tu-resnet18", "encoder_weights": None}},
-     "timm's resnet18 has no deep stem whose width it sets"),
-    ({"model": {"stem_width": 16, "encoder": "tu-efficientnet_b0", "encoder_weights": None}}, "no deep stem"),
     ({"model": {"stem_width": 2}}, "model.stem_width = 2"),
     ({"train": {"empty_fraction": 1.5}}, "train.empty_fraction"),
     ({"train": {"small_mask_weight": 0}}, "train.small_mask_weight = 0; a number > 0"),
@@ -136,8 +130,9 @@ def test_smp_unet_with_scse_and_local_weights(tmp_path):
     # spread over 4 channels as smp does (3/4 of the 3-channel weights each)
     tu = C.load_config("cpu_budget")["model"]
     assert tu["encoder"].startswith("tu-")
+    # timm's own resnet10t (cpu_budget's stem_width is left out with weights: they fit timm's stem)
     state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
-             for k, v in build_model(tu, 3).encoder.state_dict().items()}
+             for k, v in build_model(dict(tu, stem_width=None), 3).encoder.state_dict().items()}
     torch.save(state, w)
     m3 = build_model(dict(tu, encoder_weights=str(w)), 4).eval()
     first = next(mod for mod in m3.encoder.modules() if isinstance(mod, torch.nn.Conv2d))
@@ -325,8 +320,9 @@ def test_stem_width_narrows_the_timm_stem_only():
             m(torch.zeros(1, 3, 112, 112))
         return fc.get_total_flops()
 
-    base = build_model(C.load_config("cpu_budget")["model"], 3)
-    cfg = C.load_config("cpu_budget", ["model.stem_width=16"])
+    base = build_model(C.load_config("cpu_budget", ["model.stem_width=null"])["model"], 3)  # timm's own: 32
+    cfg = C.load_config("cpu_budget")  # cpu_budget sets 16
+    assert cfg["model"]["stem_width"] == 16
     m = build_model(cfg["model"], 3)
     stem = [c.out_channels for c in m.encoder.model.conv1 if isinstance(c, torch.nn.Conv2d)]
     assert stem == [12, 16, 32] and [c.out_channels for c in base.encoder.model.conv1
@@ -338,6 +334,17 @@ def test_stem_width_narrows_the_timm_stem_only():
     assert mask.shape == (2, 1, 112, 112) and salt.shape == (2, 1)
     (mask.sum() + salt.sum()).backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    # where it does not apply it is left out (--set model.encoder=... on cpu_budget still works), and says why
+    from tgs_salt.models import stem_width_unused
+
+    assert stem_width_unused(cfg["model"]) is None
+    for sets, why in ((R18, "not a tu- timm encoder"), (["model.encoder=tu-resnet18"], "no deep stem"),
+                      (["model.encoder=tu-efficientnet_b0"], "no deep stem"),
+                      (["model.arch=plain_unet"], "not a tu- timm encoder")):
+        assert why in stem_width_unused(C.load_config("cpu_budget", sets)["model"])
+    assert "encoder weights imagenet" in stem_width_unused(dict(cfg["model"], encoder_weights="imagenet"))
+    r18 = build_model(C.load_config("cpu_budget", ["model.encoder=tu-resnet18"])["model"], 3)
+    assert r18.encoder.model.conv1.out_channels == 64  # timm's plain stem, as without the key
 
 
 def test_shallower_encoder_on_a_smaller_input():

@@ -916,7 +916,7 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
     assert B.larger_encoder(on, {"epochs": [200]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 200,
                                                        "min_epochs": 200}
     # model.stem_width is the configured (timm) encoder's: the larger one is built without it
-    narrow = C.load_config("cpu_budget", ["model.stem_width=16"])
+    narrow = C.load_config("cpu_budget")  # stem_width 16
     big = B.planned(narrow, {"encoder": "resnet34"})
     assert big["model"]["stem_width"] is None and narrow["model"]["stem_width"] == 16
     assert B.planned(narrow, {"encoder": "tu-resnet10t"}) is narrow

@@ -76,26 +76,29 @@ def _check_encoder(m: dict, key: str, where: str) -> None:
                         "or tu-<any timm model>")
 
 
-def _check_stem_width(m: dict, where: str) -> None:
-    """``model.stem_width`` is timm's ``stem_width`` of a ResNet with a deep stem (resnet10t, resnet18d,
-    ...), for an smp arch's ``tu-`` encoder trained from scratch (the ImageNet weights fit the stem they
-    were trained with). Built on the meta device to ask timm: a model without a deep stem is refused
-    (timm's plain 7x7 stem, tu-resnet18's, would ignore the width)."""
-    name, w = str(m["encoder"]), m["stem_width"]
-    if m["arch"] not in SMP_ARCHS or not name.startswith("tu-") or m["encoder_weights"] not in (None, "null"):
-        raise UserError(f"config {where}: model.stem_width is for tu-<timm ResNet> encoders trained from scratch "
-                        f"(model.encoder_weights: null; got arch {m['arch']}, encoder {name}, "
-                        f"encoder_weights {m['encoder_weights']!r})")
+def stem_width_unused(m: dict) -> str | None:
+    """Why ``model.stem_width`` does not apply to model config ``m``, or None when it does. It is timm's
+    ``stem_width`` of a ResNet with a deep stem (resnet10t, resnet18d, ...), for an smp arch's ``tu-``
+    encoder trained from scratch (ImageNet or local weights fit the stem they were trained with; timm's
+    plain 7x7 stem, tu-resnet18's, would ignore it). Like the light decoder's keys it is set in
+    ``cpu_budget`` and left out, with a log line, where it does not apply, so that ``--set
+    model.encoder=resnet18`` or ``model.encoder_weights=imagenet`` still work on that config. Built on the
+    meta device to ask timm whether the encoder has such a stem."""
+    name = str(m["encoder"])
+    if m["arch"] not in SMP_ARCHS or not name.startswith("tu-"):
+        return f"arch {m['arch']}, encoder {name} (not a tu- timm encoder)"
+    if m["encoder_weights"] not in (None, "null"):
+        return f"encoder weights {m['encoder_weights']} (they fit the encoder's own stem)"
     import timm
     import torch
     try:
         with torch.device("meta"):
-            net = timm.create_model(name[3:], pretrained=False, stem_width=w)
+            net = timm.create_model(name[3:], pretrained=False, stem_width=int(m["stem_width"]))
     except TypeError:
         net = None
-    if not isinstance(getattr(net, "conv1", None), torch.nn.Sequential):  # a plain 7x7 stem ignores it
-        raise UserError(f"config {where}: model.stem_width = {w}: timm's {name[3:]} has no deep stem whose "
-                        "width it sets (timm ResNets with one do: tu-resnet10t, tu-resnet18d, ...)")
+    if not isinstance(getattr(net, "conv1", None), torch.nn.Sequential):
+        return f"encoder {name} (no deep stem whose width it sets)"
+    return None
 
 
 def check_model_config(m: dict, where: str = "config") -> None:
@@ -120,8 +123,6 @@ def check_model_config(m: dict, where: str = "config") -> None:
     if m.get("zero_init_residual") and (m["arch"] not in SMP_ARCHS or m["encoder_weights"] not in (None, "null")):
         raise UserError(f"config {where}: model.zero_init_residual is for smp ResNet encoders trained from scratch "
                         f"(model.encoder_weights: null; got arch {m['arch']}, encoder_weights {m['encoder_weights']!r})")
-    if m.get("stem_width") is not None:
-        _check_stem_width(m, where)
     if m["cls_head"] and m["arch"] == "fcn":
         raise UserError(f"config {where}: model.cls_head is not available for fcn; use a U-Net")
     w = m["encoder_weights"]
@@ -298,7 +299,12 @@ def build_model(m: dict, in_channels: int) -> nn.Module:
     kwargs = {"encoder_name": m["encoder"], "classes": 1, "activation": None,
               "encoder_depth": m.get("encoder_depth", 5)}
     if m.get("stem_width") is not None:  # smp passes it on to timm.create_model (tu- encoders)
-        kwargs["stem_width"] = int(m["stem_width"])
+        why = stem_width_unused(m)
+        if why:
+            log.info("model.stem_width applies to tu- timm ResNets with a deep stem trained from scratch: "
+                     "not used with %s", why)
+        else:
+            kwargs["stem_width"] = int(m["stem_width"])
     if arch in ("Unet", "UnetPlusPlus"):
         kwargs["decoder_channels"] = tuple(m["decoder_channels"])
         kwargs["decoder_attention_type"] = m["decoder_attention"]
