@@ -38,8 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "zero_init_residual": False,    # ResNet encoders from scratch: each residual block's last batch-norm scale
                                         # starts at 0 (the block starts as the identity; Goyal et al. 2017)
         "stem_width": None,             # tu-<timm ResNet> encoders from scratch: the deep stem's width (timm's
-                                        # stem_width; resnet10t's is 32); model.encoder only (a larger_encoder
-                                        # switch drops it)
+                                        # stem_width; resnet10t's is 32); left out, with a log line, where it does
+                                        # not apply (other encoders, weights, a larger_encoder switch)
         "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the
         "larger_encoder_min_epochs": 150,  # plan gives that one at least this many epochs per fold (it is probed and
                                         # the plan made again for it: budget.larger_encoder)
