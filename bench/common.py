@@ -42,7 +42,7 @@ def kind_tag(device_type: str = "cpu") -> str:
     if device_type != "cpu":
         return "gpu"
     kind = H.cpu_kind()
-    return kind.split()[0].lower().replace("-", "") + ("isa" if "(ONEDNN_MAX_CPU_ISA=" in kind else "")
+    return kind.split()[0].lower().replace("-", "") + ("isa" if H.kind_limit(kind) else "")
 
 
 def add_variant_args(p) -> None:

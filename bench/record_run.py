@@ -9,13 +9,13 @@ can be paired against it after its run directory is gone:
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from common import hardware, save
 
 from tgs_salt.compare import run_scores
 from tgs_salt.errors import UserError
+from tgs_salt.hardware import kind_limit
 
 
 def run_hardware(hw: dict, precision: dict | None) -> dict:
@@ -28,9 +28,9 @@ def run_hardware(hw: dict, precision: dict | None) -> dict:
     out = {**hw, "cpu_kind": kind, "recorded_under": hw.get("cpu_kind"),
            "native_bf16": "bf16" in kind.split(" (")[0]}
     out.pop("isa_limit", None)
-    limit = re.search(r"ONEDNN_MAX_CPU_ISA=(\w+)", kind)
+    limit = kind_limit(kind)
     if limit:
-        out["isa_limit"] = limit.group(1).upper()
+        out["isa_limit"] = limit
     return out
 
 

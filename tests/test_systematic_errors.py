@@ -108,6 +108,7 @@ def test_record_run_names_the_cpu_kind_the_run_trained_under(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the label a limited run writes, from the code that writes it
     limited = H.cpu_kind({"avx2", "fma", "avx512f", "avx512_bf16"})
     assert limited == "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 bf16 CPU)"
+    assert H.kind_limit(limited) == "AVX2" and H.kind_limit("AVX-512 bf16") == ""
     hw = run_hardware(recorder, {"cpu_kind": limited})
     assert hw["cpu_kind"] == limited and hw["isa_limit"] == "AVX2" and hw["native_bf16"] is False
     assert hw["recorded_under"] == "AVX-512 bf16" and hw["cpu"] == "AMD EPYC" and hw["cores"] == 2

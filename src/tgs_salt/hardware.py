@@ -119,6 +119,14 @@ def cpu_kind(flags: set[str] | None = None) -> str:
     return kind if kind == full else f"{kind} (ONEDNN_MAX_CPU_ISA={limit.upper()} on an {full} CPU)"
 
 
+def kind_limit(kind: str) -> str:
+    """The ISA limit a :func:`cpu_kind` label names ("AVX2" for "AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2 on an
+    AMX bf16 CPU)"), or "" when it names none: the one reading of that label, for labels written
+    elsewhere (a run's ``precision.json``) or file names (bench result files)."""
+    m = re.search(r"\(ONEDNN_MAX_CPU_ISA=(\w+) on an ", kind)
+    return m.group(1).upper() if m else ""
+
+
 def _kind(flags: set[str]) -> str:
     if "amx_bf16" in flags:
         return "AMX bf16"
