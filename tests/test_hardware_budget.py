@@ -447,9 +447,65 @@ def test_gpu_without_kernels_in_this_build_is_refused(monkeypatch):
     assert "compute capability 6.0" in str(e.value) and "cu126" in str(e.value)
 
 
-def test_inference_reuses_the_training_choice_on_the_same_device_kind():
-    saved = {"device_type": "cpu", "precision": {"dtype": None, "channels_last": True, "reason": "measured"}}
-    assert H.for_inference(saved, CPU).name == "fp32+channels_last"
+def test_inference_reuses_the_training_choice_where_it_runs_natively(monkeypatch):
+    """predict keeps the training run's precision on the same type of device, except a reduced precision the
+    run picked by itself (amp auto) that this device would only emulate: bf16 from a native-bf16 CPU (or an
+    Ampere GPU) predicted on an AVX2-only CPU (or a T4). An explicit ``amp: true`` is obeyed."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    avx2 = {"avx2", "fma"}
+
+    def saved(dtype, cl, device="cpu", amp="auto"):
+        return {"device_type": device, "amp": amp, "precision": {"dtype": dtype, "channels_last": cl, "reason": "m"}}
+
+    assert H.for_inference(saved(None, True), CPU, flags=avx2).name == "fp32+channels_last"
+    assert H.for_inference(saved(None, False), CPU, flags=AMX).name == "fp32+NCHW"  # fp32 runs anywhere
+    assert H.for_inference(saved("bfloat16", False), CPU, flags=AMX).name == "bf16+NCHW"  # the run's own choice
+    moved = H.for_inference(saved("bfloat16", False), CPU, flags=avx2)
+    assert moved.name == "fp32+channels_last" and "bf16+NCHW would be emulated here" in moved.reason
+    assert H.for_inference(saved("bfloat16", False, amp=True), CPU, flags=avx2).name == "bf16+NCHW"  # obeyed
+    assert H.for_inference(saved("bfloat16", True, device="cuda"), CPU, flags=AMX).name == "bf16+channels_last"
+    assert H.for_inference(None, CPU, flags=avx2).name == "fp32+channels_last"  # an old checkpoint: the rule
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the same CPU limited: bf16 emulated
+    assert H.for_inference(saved("bfloat16", True), CPU, flags=AMX).name == "fp32+channels_last"
+    assert not H.runs_natively("float16", CPU, flags=AMX | {"avx512_fp16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert H.runs_natively("float16", CPU, flags=AMX | {"avx512_fp16"}) and not H.runs_natively("float16", CPU, flags=AMX)
+    # CUDA: bf16 from an A100 on a T4 (compute capability 7.5) becomes fp16 (+ GradScaler); fp16 runs everywhere
+    t4 = H.for_inference(saved("bfloat16", True, device="cuda"), CUDA, capability=(7, 5))
+    assert t4.dtype == "float16" and t4.channels_last and "emulated" in t4.reason
+    assert H.for_inference(saved("bfloat16", True, device="cuda"), CUDA, capability=(9, 0)).dtype == "bfloat16"
+    assert H.for_inference(saved("float16", True, device="cuda"), CUDA, capability=(9, 0)).dtype == "float16"
+    assert H.runs_natively(None, CUDA, (6, 0)) and not H.runs_natively("bfloat16", CUDA, (7, 0))
+
+
+def test_a_run_resumed_on_another_kind_of_cpu_probes_again(tmp_path, synth_dir, monkeypatch, caplog):
+    """precision.json is reused on the CPU kind it was chosen on (ISA limit included), probed again on
+    another: a bf16 choice carried from a native-bf16 CPU to an AVX2-only one would train ~11x slower."""
+    import logging
+
+    from tgs_salt import config as C
+    from tgs_salt import train as T
+    from tgs_salt.data import load_train
+
+    chosen = []
+    choose = H.choose
+    monkeypatch.setattr(H, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    monkeypatch.setattr(H, "cpu_kind", lambda flags=None: "AVX-512 bf16")
+    cfg = C.load_config(str(tiny_config(tmp_path, train={"amp": False, "channels_last": False})))
+    data = load_train(synth_dir)
+    idx = np.arange(len(data.ids))
+    run = tmp_path / "run"
+    first = T.setup_precision(run, cfg, CPU, data, idx[:40], idx[40:], want_rates=False)
+    assert first["cpu_kind"] == "AVX-512 bf16" and len(chosen) == 1
+    assert T.setup_precision(run, cfg, CPU, data, idx[:40], idx[40:], want_rates=False) == first
+    assert len(chosen) == 1  # the same kind: chosen before
+    monkeypatch.setattr(H, "cpu_kind", lambda flags=None: "AVX2 only")
+    with caplog.at_level(logging.INFO, logger="tgs_salt.train"):
+        again = T.setup_precision(run, cfg, CPU, data, idx[:40], idx[40:], want_rates=False)
+    assert len(chosen) == 2 and again["cpu_kind"] == "AVX2 only"
+    assert "chosen on a CPU with AVX-512 bf16; this one has AVX2 only: probed again" in caplog.text
+    assert T.read_precision(run)["cpu_kind"] == "AVX2 only"
 
 
 MALLOC_STEPS = """
@@ -911,10 +967,10 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
     weights = tmp_path / "r18.pth"
     weights.write_bytes(b"x")  # a local weights file fits the configured encoder only
     assert B.larger_encoder(C.load_config("cpu_budget", [f"model.encoder_weights={weights}"]), {"epochs": [500]}) is None
-    on = C.load_config("cpu_budget")  # cpu_budget: on, from tu-resnet10t at 200 epochs
-    assert B.larger_encoder(on, {"epochs": [199]}) is None
-    assert B.larger_encoder(on, {"epochs": [200]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 200,
-                                                       "min_epochs": 200}
+    on = C.load_config("cpu_budget")  # cpu_budget: on, from tu-resnet10t at 240 epochs
+    assert B.larger_encoder(on, {"epochs": [239]}) is None
+    assert B.larger_encoder(on, {"epochs": [240]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 240,
+                                                       "min_epochs": 240}
     # model.stem_width is the configured (timm) encoder's: the larger one is built without it
     narrow = C.load_config("cpu_budget")  # stem_width 16
     big = B.planned(narrow, {"encoder": "resnet34"})

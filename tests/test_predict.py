@@ -429,6 +429,33 @@ def test_oof_and_test_predictions_take_the_shift_tta_views(predicted, synth_dir)
     assert same_six > 0.99 and same_two < 0.9, (same_six, same_two)
 
 
+def test_fold_model_drops_a_bf16_choice_this_cpu_would_emulate(predicted, tmp_path, monkeypatch, caplog):
+    """A checkpoint whose run picked bf16 by itself on a native-bf16 CPU, loaded on an AVX2-only one:
+    predict runs this CPU's rule (fp32), says so, and keeps bf16 where it is native."""
+    import logging
+
+    from tgs_salt import hardware as H
+    from tgs_salt.inference import FoldModel
+    from tgs_salt.rundir import load_checkpoint, save_checkpoint
+
+    run_dir, _, _ = predicted
+    ck = load_checkpoint(run_dir / "fold0" / "best.pt")
+    ck["config"]["train"]["amp"] = "auto"
+    ck["precision"] = {"dtype": "bfloat16", "channels_last": False, "reason": "fastest of 4 measured", "rates": {}}
+    save_checkpoint(ck, tmp_path / "bf16.pt")
+    ck["config"]["train"]["amp"] = True  # bf16 set in the config: obeyed anywhere
+    save_checkpoint(ck, tmp_path / "bf16_set.pt")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(H, "cpu_flags", lambda limit=None: {"avx2", "fma"})
+    with caplog.at_level(logging.INFO, logger="tgs_salt.inference"):
+        assert FoldModel(tmp_path / "bf16.pt", CPU).precision.name == "fp32+channels_last"
+    assert "the training run's bf16+NCHW would be emulated here" in caplog.text
+    assert FoldModel(tmp_path / "bf16_set.pt", CPU).precision.name == "bf16+NCHW"
+    monkeypatch.setattr(H, "cpu_flags", lambda limit=None: {"avx2", "fma", "avx512f", "avx512_bf16"})
+    assert FoldModel(tmp_path / "bf16.pt", CPU).precision.name == "bf16+NCHW"
+
+
 def test_predict_ensemble_of_runs_and_cv(predicted, synth_dir, tmp_path):
     run_dir, _, _ = predicted
     r = run_cli("cv", "--run-dir", run_dir, "--run-dir", run_dir, "--weights", "1,3", "--no-plots",

@@ -126,8 +126,8 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
     host's hour: 193-208 epochs, validation metric flat from epoch ~118 at ~0.80); ResNet34 spends the
     same hour better there (126-131 epochs: +0.0126, +0.0067, +0.0050 paired at threshold 0.5 at three
     seeds, pooled +0.0081, not resolved from noise; below 150 ResNet18 epochs nothing was measured to gain,
-    at 47 it lost: docs/results.md; ``cpu_budget`` now trains resnet10t, whose 200 epochs cost what 150
-    ResNet18 ones did on a native-bf16 host). So a plan that gives the
+    at 47 it lost: docs/results.md; ``cpu_budget`` now trains resnet10t with its stem at half width, whose
+    240 epochs cost about what 150 ResNet18 ones did). So a plan that gives the
     configured encoder at least ``model.larger_encoder_min_epochs`` epochs per fold trains the larger one:
     the run probes it and plans again (train.setup_plan). What goes into the plan as ``encoder_switch``.
     Never for the plain baselines (no encoder) or a local ``model.encoder_weights`` file (it fits the

@@ -12,7 +12,9 @@
   it is far behind.
 
 The choice and the measured rates go to ``<run dir>/precision.json``; resume, the other folds
-and ``predict`` reuse it. An explicit ``true``/``false`` is obeyed.
+and ``predict`` reuse it on the same kind of device (resume on another kind of CPU probes again;
+``predict`` drops a reduced precision this device would emulate: :func:`for_inference`). An explicit
+``true``/``false`` is obeyed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -63,17 +65,18 @@ def cpu_flags(limit: str | None = None) -> set[str]:
 
 
 # oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) and the flags of note each one leaves out
+_FP16 = {"avx512_fp16", "amx_fp16"}
 _ISA_DROPS = {
-    "sse41": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"},
-    "avx": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"},
-    "avx2": {"avx512f", "avx512_bf16", "amx_bf16"},
-    "avx2_vnni": {"avx512f", "avx512_bf16", "amx_bf16"},
-    "avx2_vnni_2": {"avx512f", "avx512_bf16", "amx_bf16"},
-    "avx512_core": {"avx512_bf16", "amx_bf16"},
-    "avx512_core_vnni": {"avx512_bf16", "amx_bf16"},
-    "avx512_core_bf16": {"amx_bf16"},
-    "avx512_core_fp16": {"amx_bf16"},
-    "avx10_1_512": {"amx_bf16"},
+    "sse41": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"} | _FP16,
+    "avx": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"} | _FP16,
+    "avx2": {"avx512f", "avx512_bf16", "amx_bf16"} | _FP16,
+    "avx2_vnni": {"avx512f", "avx512_bf16", "amx_bf16"} | _FP16,
+    "avx2_vnni_2": {"avx512f", "avx512_bf16", "amx_bf16"} | _FP16,
+    "avx512_core": {"avx512_bf16", "amx_bf16"} | _FP16,
+    "avx512_core_vnni": {"avx512_bf16", "amx_bf16"} | _FP16,
+    "avx512_core_bf16": {"amx_bf16"} | _FP16,
+    "avx512_core_fp16": {"amx_bf16", "amx_fp16"},
+    "avx10_1_512": {"amx_bf16", "amx_fp16"},
 }
 
 
@@ -491,10 +494,35 @@ def choose(train_cfg: dict, device: torch.device, time_step: StepFn | None, batc
                      rates=rates)
 
 
-def for_inference(saved: dict | None, device: torch.device) -> Precision:
-    """The precision ``predict`` uses: the training run's choice on the same kind of device,
-    otherwise the rule for this device."""
-    if saved and saved.get("device_type") == device.type:
-        return Precision.from_dict(saved["precision"])
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return rule_based({"amp": AUTO, "amp_dtype": AUTO, "channels_last": AUTO}, device, cap)
+def runs_natively(dtype: str | None, device: torch.device, capability: tuple[int, int] | None = None,
+                  flags: set[str] | None = None) -> bool:
+    """Whether ``device`` runs autocast ``dtype`` (None: fp32) on its own units rather than emulating it:
+    on CUDA bf16 from compute capability 8.0 (Ampere) and fp16 everywhere; on a CPU bf16 with
+    avx512_bf16 / amx_bf16 and fp16 with avx512_fp16 / amx_fp16, under the ISA limit if any
+    (``flags``: the CPU's, unlimited; default: this CPU's)."""
+    if dtype is None:
+        return True
+    if device.type == "cuda":
+        return dtype != "bfloat16" or (capability is not None and tuple(capability) >= (8, 0))
+    if dtype == "bfloat16":
+        return cpu_native_bf16(flags)
+    have = cpu_flags() if flags is None else limited_flags(flags, isa_limit())
+    return bool(_FP16 & have)
+
+
+def for_inference(saved: dict | None, device: torch.device, capability: tuple[int, int] | None = None,
+                  flags: set[str] | None = None) -> Precision:
+    """The precision ``predict`` uses: the training run's choice (``saved``: its ``device_type``,
+    ``precision`` and the config's ``amp``) on the same type of device, unless the run chose a reduced
+    precision by itself (``amp: auto``) that this device would only emulate: bf16 picked on a native-bf16
+    CPU, or on an Ampere GPU, and predicted on an AVX2-only CPU or a T4 (on the CPU ~11x slower than
+    fp32). Otherwise the rule for this device (bf16 only where native; CUDA by compute capability)."""
+    if device.type == "cuda" and capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    rule = rule_based({"amp": AUTO, "amp_dtype": AUTO, "channels_last": AUTO}, device, capability, flags)
+    if not saved or saved.get("device_type") != device.type:
+        return rule
+    prec = Precision.from_dict(saved["precision"])
+    if saved.get("amp") is True or runs_natively(prec.dtype, device, capability, flags):
+        return prec
+    return replace(rule, reason=f"{rule.reason}; the training run's {prec.name} would be emulated here")

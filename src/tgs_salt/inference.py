@@ -10,6 +10,7 @@ down-right and up-left (``predict.tta_shift``): 1, 2, 3 or 6 views.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from tgs_salt.hardware import Precision
 from tgs_salt.models import split_output
 from tgs_salt.rundir import load_checkpoint
 from tgs_salt.transforms import InputBuilder
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -68,9 +71,12 @@ class FoldModel:
         from tgs_salt.models import build_model
 
         ck = load_checkpoint(ckpt_path)
-        if precision is None:  # the training run's choice on the same kind of device, else this device's rule
-            saved = {"device_type": ck["device_type"], "precision": ck["precision"]} if "precision" in ck else None
+        if precision is None:  # the training run's choice where this device runs it natively, else its rule
+            saved = {"device_type": ck["device_type"], "precision": ck["precision"],
+                     "amp": ck["config"]["train"].get("amp")} if "precision" in ck else None
             precision = hardware.for_inference(saved, device)
+            if saved and precision.name != Precision.from_dict(saved["precision"]).name:
+                log.info("precision: %s for %s (%s)", precision.name, ckpt_path, precision.reason)
         self.precision = precision
         self.cfg = C.for_reading(ck["config"])
         self.builder = InputBuilder.from_config(self.cfg)

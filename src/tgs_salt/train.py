@@ -801,7 +801,8 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
                     val_idx: np.ndarray, want_rates: bool, budget_min: float | None = None) -> dict:
     """The run's precision and layout (probed on CPU when the config says auto) and the measured
     rates the time plan needs; reused from ``precision.json`` when it was chosen on this kind of
-    device with the same settings. Under a time budget shorter than an hour each of the probe's
+    device (the same GPU model; a CPU of the same :func:`hardware.cpu_kind`, ISA limit included) with the
+    same settings. Under a time budget shorter than an hour each of the probe's
     timings lasts less (:func:`budget.probe_effort`)."""
     t = cfg["train"]
     settings = {k: t[k] for k in ("amp", "amp_dtype", "channels_last", "cpu_malloc")}
@@ -809,7 +810,11 @@ def setup_precision(run_dir: Path, cfg: dict, device: torch.device, data, train_
     saved = read_precision(run_dir)
     low, mid = t["low_res_size"], t["mid_res_size"]
     encoder = cfg["model"]["encoder"]  # a plan may train model.larger_encoder instead: probed for itself
-    same = saved and saved.get("settings") == settings and saved.get("device_type") == device.type \
+    moved = saved and device.type == "cpu" == saved.get("device_type") and saved.get("cpu_kind") != facts["cpu_kind"]
+    if moved:  # a run resumed on another kind of CPU: bf16 chosen where native is ~11x slower where emulated
+        log.info("precision: %s was chosen on a CPU with %s; this one has %s: probed again", precision_path(run_dir),
+                 saved.get("cpu_kind", "an unrecorded kind"), facts["cpu_kind"])
+    same = saved and not moved and saved.get("settings") == settings and saved.get("device_type") == device.type \
         and saved.get("encoder", encoder) == encoder \
         and saved.get("gpu") == facts.get("gpu") and (saved.get("train_rate") or not want_rates) \
         and (not want_rates or not low or (saved.get("low_res") or {}).get("size") == low) \
