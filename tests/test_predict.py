@@ -161,6 +161,24 @@ def test_ensemble_averaging_weights_runs_and_folds():
     assert predict_test(ens, np.array([0.5, 0.5]), images, depths, torch.device("cpu"), batch_size=3)[1] is None
 
 
+def test_test_prediction_logs_its_progress(caplog):
+    """Not only tqdm's bar (off when the output is not a terminal): a log line with the images done,
+    images/s and the ETA every ``log_every`` seconds, none after the last batch."""
+    import logging
+
+    images, depths = np.zeros((7, 101, 101), np.uint8), np.zeros(7, np.float32)
+    ens = [([ConstModel(0.2)], None)]
+    with caplog.at_level(logging.INFO, logger="tgs_salt.predict"):
+        predict_test(ens, np.array([1.0]), images, depths, torch.device("cpu"), batch_size=3, log_every=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: ")]
+    assert [ln.split(",")[0] for ln in lines] == ["predict: 3 / 7 test images", "predict: 6 / 7 test images"]
+    assert all("images/s, ETA " in ln for ln in lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tgs_salt.predict"):
+        predict_test(ens, np.array([1.0]), images, depths, torch.device("cpu"), batch_size=3)  # every 30 s
+    assert not [r for r in caplog.records if r.getMessage().startswith("predict: ")]
+
+
 class ViewsModel(ConstModel):
     """Records the test-time views it is asked for."""
 
