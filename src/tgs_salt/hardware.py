@@ -285,8 +285,8 @@ def _dtype_choices(amp, amp_dtype: str, device: torch.device, capability: tuple[
     if amp is False:
         return [None]
     if device.type == "cuda":
-        native_bf16 = capability is not None and capability >= (8, 0)
-        dtype = amp_dtype if amp_dtype != AUTO else ("bfloat16" if native_bf16 else "float16")
+        dtype = amp_dtype if amp_dtype != AUTO else (
+            "bfloat16" if runs_natively("bfloat16", device, capability) else "float16")
         return [dtype]
     # CPU
     if amp_dtype == "float16":
@@ -519,10 +519,9 @@ def for_inference(saved: dict | None, device: torch.device, capability: tuple[in
     fp32). Otherwise the rule for this device (bf16 only where native; CUDA by compute capability)."""
     if device.type == "cuda" and capability is None:
         capability = torch.cuda.get_device_capability(device)
-    rule = rule_based({"amp": AUTO, "amp_dtype": AUTO, "channels_last": AUTO}, device, capability, flags)
-    if not saved or saved.get("device_type") != device.type:
-        return rule
-    prec = Precision.from_dict(saved["precision"])
-    if saved.get("amp") is True or runs_natively(prec.dtype, device, capability, flags):
+    prec = Precision.from_dict(saved["precision"]) if saved and saved.get("device_type") == device.type else None
+    if prec and (saved.get("amp") is True or runs_natively(prec.dtype, device, capability, flags)):
         return prec
-    return replace(rule, reason=f"{rule.reason}; the training run's {prec.name} would be emulated here")
+    rule = rule_based({"amp": AUTO, "amp_dtype": AUTO, "channels_last": AUTO}, device, capability, flags)
+    return rule if prec is None else replace(rule, reason=f"{rule.reason}; the training run's {prec.name} would "
+                                                          "be emulated here")
