@@ -967,15 +967,25 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
     weights = tmp_path / "r18.pth"
     weights.write_bytes(b"x")  # a local weights file fits the configured encoder only
     assert B.larger_encoder(C.load_config("cpu_budget", [f"model.encoder_weights={weights}"]), {"epochs": [500]}) is None
-    on = C.load_config("cpu_budget")  # cpu_budget: on, from tu-resnet10t at 240 epochs
-    assert B.larger_encoder(on, {"epochs": [239]}) is None
-    assert B.larger_encoder(on, {"epochs": [240]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 240,
-                                                       "min_epochs": 240}
+    on = C.load_config("cpu_budget")  # cpu_budget: on, from tu-resnet10t at 300 epochs
+    assert B.larger_encoder(on, {"epochs": [299]}) is None
+    assert B.larger_encoder(on, {"epochs": [300]}) == {"from": "tu-resnet10t", "to": "resnet34", "epochs_from": 300,
+                                                       "min_epochs": 300}
     # model.stem_width is the configured (timm) encoder's: the larger one is built without it
     narrow = C.load_config("cpu_budget")  # stem_width 16
     big = B.planned(narrow, {"encoder": "resnet34"})
     assert big["model"]["stem_width"] is None and narrow["model"]["stem_width"] == 16
+    # cpu_budget's ResNet34 keeps the decoder its hours were measured with; resnet10t trains the narrow one
+    assert big["model"]["decoder_channels"] == [64, 32, 16, 8] and narrow["model"]["decoder_channels"] == [32, 16, 16, 8]
     assert B.planned(narrow, {"encoder": "tu-resnet10t"}) is narrow
+    # ... and with model.larger_encoder_decoder_channels when set (null: model.decoder_channels for both)
+    wide = C.load_config("cpu_budget", ["model.decoder_channels=[32,16,16,8]",
+                                        "model.larger_encoder_decoder_channels=[64,32,16,8]"])
+    assert B.planned(wide, {"encoder": "resnet34"})["model"]["decoder_channels"] == [64, 32, 16, 8]
+    assert wide["model"]["decoder_channels"] == [32, 16, 16, 8]
+    same_dec = C.load_config("cpu_budget", ["model.decoder_channels=[48,32,16,8]",
+                                            "model.larger_encoder_decoder_channels=null"])
+    assert B.planned(same_dec, {"encoder": "resnet34"})["model"]["decoder_channels"] == [48, 32, 16, 8]
     plan = {"epochs": [131], "warmup_epochs": 1.0, "encoder": "resnet34", "encoder_switch": sw, "tta_shift": 0}
     out = B.apply_plan(cfg, plan)
     assert out["model"]["encoder"] == "resnet34" and out["predict"]["tta_shift"] == 0
@@ -990,6 +1000,8 @@ def test_larger_encoder_switch_and_planned_config(tmp_path):
 @pytest.mark.parametrize("sets, msg", [
     (["model.larger_encoder=resnet999"], "model.larger_encoder = 'resnet999' is not an smp encoder"),
     (["model.larger_encoder_min_epochs=0"], "model.larger_encoder_min_epochs"),
+    (["model.larger_encoder_decoder_channels=[64,32,16]"], "model.larger_encoder_decoder_channels = .* has 3 entries"),
+    (["model.larger_encoder_decoder_channels=[64,0,16,8]"], "model.larger_encoder_decoder_channels = .* positive"),
 ])
 def test_larger_encoder_config_errors(sets, msg):
     from tgs_salt import config as C
@@ -1008,7 +1020,8 @@ def test_budgeted_run_probes_and_plans_the_larger_encoder(tmp_path, synth_dir):
     from tgs_salt.runs import run_row
 
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_weights": None, "encoder_depth": 3,
-             "decoder_channels": [16, 8, 4], "larger_encoder": "resnet34", "larger_encoder_min_epochs": 1}
+             "decoder_channels": [16, 8, 4], "larger_encoder": "resnet34", "larger_encoder_min_epochs": 1,
+             "larger_encoder_decoder_channels": [8, 8, 4]}
     cfg = tiny_config(tmp_path, model=model, train={"max_train_batches": 2},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
@@ -1023,8 +1036,10 @@ def test_budgeted_run_probes_and_plans_the_larger_encoder(tmp_path, synth_dir):
     assert "model.larger_encoder: the plan gives resnet18" in r.stderr and "model.encoder resnet34" in r.stderr
     assert r.stderr.count("probe took") == 2
     user_cfg = C.load_config(str(cfg))
-    assert B.apply_plan(user_cfg, plan)["model"]["encoder"] == "resnet34"  # what train_fold builds and saves
-    assert read_run(run)[0]["model"]["encoder"] == "resnet34"  # what CV and prediction read
+    built = B.apply_plan(user_cfg, plan)["model"]  # what train_fold builds and saves
+    assert built["encoder"] == "resnet34" and built["decoder_channels"] == [8, 8, 4]
+    read = read_run(run)[0]["model"]  # what CV and prediction read
+    assert read["encoder"] == "resnet34" and read["decoder_channels"] == [8, 8, 4]
     assert "model.encoder=resnet34(plan)" in run_row(run)["changed"]  # the `runs` table
     r = run_cli(*args)  # a second job: the plan and the larger encoder's precision, as they are
     assert r.returncode == 0, r.stderr[-3000:]

@@ -127,7 +127,7 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
     same hour better there (126-131 epochs: +0.0126, +0.0067, +0.0050 paired at threshold 0.5 at three
     seeds, pooled +0.0081, not resolved from noise; below 150 ResNet18 epochs nothing was measured to gain,
     at 47 it lost: docs/results.md; ``cpu_budget`` now trains resnet10t with its stem at half width, whose
-    240 epochs cost about what 150 ResNet18 ones did). So a plan that gives the
+    300 epochs with the narrow decoder cost about what 150 ResNet18 ones did). So a plan that gives the
     configured encoder at least ``model.larger_encoder_min_epochs`` epochs per fold trains the larger one:
     the run probes it and plans again (train.setup_plan). What goes into the plan as ``encoder_switch``.
     Never for the plain baselines (no encoder) or a local ``model.encoder_weights`` file (it fits the
@@ -146,12 +146,16 @@ def larger_encoder(cfg: dict, plan: dict) -> dict | None:
 def planned(cfg: dict, plan: dict | None) -> dict:
     """``cfg`` as the run's time plan trains and predicts it: the encoder it chose (``model.larger_encoder``,
     see :func:`larger_encoder`) and its test-time views (:func:`planned_views`). A copy when it changes
-    anything. ``model.stem_width`` belongs to the configured encoder: the larger one is built without it."""
+    anything. ``model.stem_width`` belongs to the configured encoder: the larger one is built without it,
+    and with ``model.larger_encoder_decoder_channels`` when those are set."""
     enc = (plan or {}).get("encoder")
     if enc and enc != cfg["model"]["encoder"]:
         cfg = copy.deepcopy(cfg)
-        cfg["model"]["encoder"] = enc
-        cfg["model"]["stem_width"] = None
+        m = cfg["model"]
+        m["encoder"] = enc
+        m["stem_width"] = None
+        if m.get("larger_encoder_decoder_channels") is not None:
+            m["decoder_channels"] = list(m["larger_encoder_decoder_channels"])
     return planned_views(cfg, plan)
 
 

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "larger_encoder": None,         # under a time budget: an smp encoder trained instead of model.encoder when the
         "larger_encoder_min_epochs": 150,  # plan gives that one at least this many epochs per fold (it is probed and
                                         # the plan made again for it: budget.larger_encoder)
+        "larger_encoder_decoder_channels": None,  # the larger encoder's decoder widths (null: model.decoder_channels)
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -407,12 +408,16 @@ def validate(cfg: dict, where: str = "config") -> None:
     tp = cfg["postprocess"]["tune_params"]
     _check(isinstance(tp, list) and tp and all(x in TUNE_PARAMS for x in tp) and len(set(tp)) == len(tp),
            f"postprocess.tune_params = {tp!r}; a non-empty list of {', '.join(TUNE_PARAMS)} (each once)", where)
-    dc = cfg["model"]["decoder_channels"]
-    _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dc),
-           f"model.decoder_channels = {dc!r}; a list of positive integers", where)
-    if m["arch"] in ("Unet", "UnetPlusPlus"):
-        _check(len(dc) == depth, f"model.decoder_channels = {dc!r} has {len(dc)} entries; {m['arch']} needs one per "
-               f"encoder stage: model.encoder_depth = {depth} entries", where)
+    for key in ("decoder_channels", "larger_encoder_decoder_channels"):
+        dc = m.get(key)
+        if dc is None and key != "decoder_channels":
+            continue
+        _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                   for x in dc),
+               f"model.{key} = {dc!r}; a list of positive integers", where)
+        if m["arch"] in ("Unet", "UnetPlusPlus"):
+            _check(len(dc) == depth, f"model.{key} = {dc!r} has {len(dc)} entries; {m['arch']} needs one per "
+                   f"encoder stage: model.encoder_depth = {depth} entries", where)
     th = cfg["postprocess"]["thresholds"]
     _check(isinstance(th, list) and len(th) == 3 and all(isinstance(x, (int, float)) for x in th)
            and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,
