@@ -415,9 +415,12 @@ def validate(cfg: dict, where: str = "config") -> None:
         _check(isinstance(dc, list) and dc and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
                                                    for x in dc),
                f"model.{key} = {dc!r}; a list of positive integers", where)
-        if m["arch"] in ("Unet", "UnetPlusPlus"):
-            _check(len(dc) == depth, f"model.{key} = {dc!r} has {len(dc)} entries; {m['arch']} needs one per "
-                   f"encoder stage: model.encoder_depth = {depth} entries", where)
+    # (the larger encoder's widths are used only where their count fits model.encoder_depth: budget.planned,
+    # so that --set model.encoder_depth=5 with five decoder_channels still works on cpu_budget)
+    dc = m["decoder_channels"]
+    if m["arch"] in ("Unet", "UnetPlusPlus"):
+        _check(len(dc) == depth, f"model.decoder_channels = {dc!r} has {len(dc)} entries; {m['arch']} needs one per "
+               f"encoder stage: model.encoder_depth = {depth} entries", where)
     th = cfg["postprocess"]["thresholds"]
     _check(isinstance(th, list) and len(th) == 3 and all(isinstance(x, (int, float)) for x in th)
            and 0 < th[0] < th[1] < 1 and int(th[2]) >= 1,
