@@ -248,13 +248,15 @@ def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Pa
     wait for it in the next collective) and the failure is named with its log."""
     port = str(free_port())
     procs: list[subprocess.Popen] = []
+    stopped: set[int] = set()  # the ranks stopped here because another failed
     logs = [log_path] + [log_path.with_name(f"train_rank{r}.log") for r in range(1, n)]
 
     def watch() -> None:  # a rank that fails stops the group
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
-                for p in procs:
+                for r, p in enumerate(procs):
                     if p.poll() is None:
+                        stopped.add(r)
                         p.terminate()
                 return
             time.sleep(0.5)
@@ -285,7 +287,8 @@ def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Pa
             raise
     bad = [(r, c) for r, c in enumerate(codes) if c != 0]
     if bad:
-        first = next(((r, c) for r, c in bad if c > 0), bad[0])  # the one that failed, not the ones stopped
+        # the one that failed (an exit code, or a signal of its own: an abort at exit), not the ones stopped
+        first = next(((r, c) for r, c in bad if r not in stopped), bad[0])
         raise UserError(f"training in {n} processes failed: rank {first[0]} exited with {first[1]} "
                         f"(see {logs[first[0]]})")
 
