@@ -56,9 +56,21 @@ def sync_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
         dist.broadcast(buf.data, src=0)
 
 
+def mark_finished(ctx: DistContext) -> None:
+    """Called by every rank after its last collective (each fold ends with a barrier, after the main
+    process has written its outputs): past this point a rank only tears down (pipeline.train_on_cpu_ranks)."""
+    from tgs_salt.pipeline import FINISHED_DIR_ENV, finished_mark
+
+    directory = os.environ.get(FINISHED_DIR_ENV)
+    if ctx.enabled and directory:
+        with open(finished_mark(directory, ctx.rank), "w"):
+            pass
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the BatchNorm ones too
+        _BN_GROUPS.clear()  # not kept alive into the interpreter's exit
 
 
 # ----------------------------------------------------------------------------- BatchNorm synced on a CPU

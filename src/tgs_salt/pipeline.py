@@ -21,6 +21,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -241,31 +242,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Path) -> None:
+# Set by train_on_cpu_ranks: a directory where each rank leaves a mark when its work is done
+# (distributed.mark_finished), so that a rank which dies afterwards, in the process group's teardown
+# (once in CI: gloo's "terminate called without an active exception", SIGABRT), is not taken for a
+# failed training.
+FINISHED_DIR_ENV = "TGS_RANKS_FINISHED_DIR"
+
+
+def finished_mark(directory: str | os.PathLike, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.finished")
+
+
+def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Path,
+                       teardown_grace_s: float = 60.0) -> None:
     """``train`` data-parallel in ``n`` local processes of ``threads`` threads each (the gloo backend,
     as torchrun would start them). Rank 0's output goes to the console and ``log_path``, each other
     rank's to ``train_rank<r>.log`` beside it. If a rank fails, the others are stopped (they would
-    wait for it in the next collective) and the failure is named with its log."""
+    wait for it in the next collective) and the failure is named with its log.
+
+    A rank that dies after it marked its work done (``distributed.mark_finished``: past the last
+    collective, every output written) died in the process group's teardown: the others are past the
+    last collective too, so they are given ``teardown_grace_s`` to exit by themselves, and when every
+    rank had marked its work done the training stands, with a warning naming the rank."""
     port = str(free_port())
     procs: list[subprocess.Popen] = []
     stopped: set[int] = set()  # the ranks stopped here because another failed
     logs = [log_path] + [log_path.with_name(f"train_rank{r}.log") for r in range(1, n)]
+    marks = Path(tempfile.mkdtemp(prefix="tgs_ranks_"))
+
+    def finished(r: int) -> bool:
+        return os.path.exists(finished_mark(marks, r))
 
     def watch() -> None:  # a rank that fails stops the group
+        grace_end = None
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                for r, p in enumerate(procs):
-                    if p.poll() is None:
-                        stopped.add(r)
-                        p.terminate()
-                return
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                if all(finished(r) for r in failed):  # died in teardown: the others are past their work too
+                    grace_end = grace_end or time.monotonic() + teardown_grace_s
+                if grace_end is None or time.monotonic() >= grace_end:
+                    for r, p in enumerate(procs):
+                        if p.poll() is None:
+                            stopped.add(r)
+                            p.terminate()
+                    return
             time.sleep(0.5)
 
     with contextlib.ExitStack() as files:
+        files.callback(shutil.rmtree, marks, ignore_errors=True)
         try:
             for r in range(n):
                 env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(n), RANK=str(r),
                            LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), OMP_NUM_THREADS=str(threads))
+                env[FINISHED_DIR_ENV] = str(marks)
                 cmd = [sys.executable, "-m", "tgs_salt", "train", *train_args, "--threads", str(threads)]
                 out = subprocess.PIPE if r == 0 else files.enter_context(open(logs[r], "w"))
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True,
@@ -285,9 +314,16 @@ def train_on_cpu_ranks(n: int, threads: int, train_args: list[str], log_path: Pa
                 if p.poll() is None:
                     p.terminate()
             raise
+        done = [finished(r) for r in range(n)]
     bad = [(r, c) for r, c in enumerate(codes) if c != 0]
+    if bad and all(done):
+        for r, c in bad:
+            log.warning("training rank %d exited with %d after its work was done (%s), in the process group's "
+                        "teardown: every rank had finished, the folds are complete (see %s)", r, c,
+                        "stopped here after the grace period" if r in stopped else "by itself", logs[r])
+        return
     if bad:
-        # the one that failed (an exit code, or a signal of its own: an abort at exit), not the ones stopped
+        # the one that failed (an exit code, or a signal of its own), not the ones stopped
         first = next(((r, c) for r, c in bad if r not in stopped), bad[0])
         raise UserError(f"training in {n} processes failed: rank {first[0]} exited with {first[1]} "
                         f"(see {logs[first[0]]})")

@@ -36,6 +36,7 @@ from tgs_salt.distributed import (
     barrier,
     convert_sync_batchnorm_cpu,
     init_distributed,
+    mark_finished,
     shutdown,
     sync_buffers,
 )
@@ -1131,6 +1132,7 @@ def train_command(args) -> int:
                            workers=workers, ctx=ctx, precision=precision,
                            calibrate=calibrate(run_dir, folds_after) if calibrate is not None else None,
                            pseudo=pseudo)
+        mark_finished(ctx)
     finally:
         shutdown(ctx)
     if ctx.is_main:
