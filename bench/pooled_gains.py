@@ -109,6 +109,9 @@ LEVERS = [
     (("the decoder at 32 / 16 / 16 channels instead of 64 / 32 / 16 (model.decoder_channels; AVX2-limited faster EPYC, "
       "16-min budgets: 102 / 103 / 101 epochs against 84 / 85 / 78; same session)"), "adopted",
      [files(f"cpu_budget_tb16_ship71_s{s}_avx2isa.json", f"cpu_budget_tb16_dc32_s{s}_avx2isa.json") for s in (42, 43, 44)]),
+    (("the first 75% of the epochs at 64 px instead of 65% (train.low_res_fraction 0.75; AVX2-limited faster EPYC, "
+      "16-min budgets: 113 / 113 / 111 epochs against 101 / 97 / 98; same session)"), "not adopted",
+     [files(f"cpu_budget_tb16_ship72_s{s}_avx2isa.json", f"cpu_budget_tb16_lrf75_s{s}_avx2isa.json") for s in (42, 43, 44)]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
@@ -128,7 +131,8 @@ LEVERS = [
       files("cpu_budget_tb20_ship4_s44_avx2isa.json", "cpu_budget_tb20_ship5_s44_avx2isa.json"),
       *[files(f"cpu_budget_tb20_combo_s{s}_avx2isa.json", f"cpu_budget_tb20_ship69_s{s}_avx2isa.json") for s in (42, 43, 44)],
       *[files(f"cpu_budget_tb26_combo_s{s}_avx2isa.json", f"cpu_budget_tb26_sw32_s{s}_avx2isa.json") for s in (42, 43)],
-      *[files(f"cpu_budget_tb20_sw16_s{s}_avx2isa.json", f"cpu_budget_tb16_ship71_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
+      *[files(f"cpu_budget_tb20_sw16_s{s}_avx2isa.json", f"cpu_budget_tb16_ship71_s{s}_avx2isa.json") for s in (42, 43, 44)],
+      *[files(f"cpu_budget_tb16_dc32_s{s}_avx2isa.json", f"cpu_budget_tb16_ship72_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
 ]
 
 
