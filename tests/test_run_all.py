@@ -161,18 +161,34 @@ def test_cpu_processes_choice(monkeypatch):
     assert cpu_processes(cfg, "cpu") == (2, 2)
 
 
+class _FakeRank:
+    """A training rank for pipeline.train_on_cpu_ranks without a process: a subclass sets ``code`` and ``poll``."""
+    code = None
+
+    def wait(self):
+        import time
+
+        deadline = time.time() + 20
+        while self.poll() is None:  # runs until it exits or is stopped
+            assert time.time() < deadline, "rank 0 was never stopped"
+            time.sleep(0.05)
+        return self.code
+
+    def terminate(self):
+        self.code = -15
+
+
 @pytest.mark.parametrize("rank1_code", [1, -6])  # -6: a rank aborted by a signal of its own (seen at gloo's exit)
 def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys, rank1_code):
     """Rank 1 fails at once: rank 0, which would wait for it forever, is stopped, and the error names
     rank 1 and its log rather than the rank that was stopped."""
     import io
-    import time
 
     from tgs_salt import pipeline
 
     started = []
 
-    class FakeProc:
+    class FakeProc(_FakeRank):
         def __init__(self, cmd, stdout=None, stderr=None, env=None, **kw):
             self.rank = int(env["RANK"])
             assert env["WORLD_SIZE"] == "2" and env["OMP_NUM_THREADS"] == "1" and cmd[-2:] == ["--threads", "1"]
@@ -182,16 +198,6 @@ def test_a_failing_rank_stops_the_others(monkeypatch, tmp_path, capsys, rank1_co
 
         def poll(self):
             return self.code
-
-        def wait(self):
-            deadline = time.time() + 20
-            while self.code is None:  # rank 0 runs until it is stopped
-                assert time.time() < deadline, "rank 0 was never stopped"
-                time.sleep(0.05)
-            return self.code
-
-        def terminate(self):
-            self.code = -15
 
     monkeypatch.setattr(pipeline.subprocess, "Popen", FakeProc)
     with pytest.raises(pipeline.UserError, match=rf"rank 1 exited with {rank1_code} \(see .*train_rank1.log\)"):
@@ -215,7 +221,7 @@ def test_a_rank_dying_in_teardown_after_its_work_is_not_a_failure(monkeypatch, t
 
     started = []
 
-    class FakeProc:
+    class FakeProc(_FakeRank):
         def __init__(self, cmd, stdout=None, stderr=None, env=None, **kw):
             self.rank, self.marks, self.t0 = int(env["RANK"]), env[FINISHED_DIR_ENV], time.monotonic()
             self.code = None
@@ -231,16 +237,6 @@ def test_a_rank_dying_in_teardown_after_its_work_is_not_a_failure(monkeypatch, t
                 if rank0_exits:
                     self.code = 0
             return self.code
-
-        def wait(self):
-            deadline = time.time() + 20
-            while self.poll() is None:
-                assert time.time() < deadline, "rank 0 was never stopped"
-                time.sleep(0.05)
-            return self.code
-
-        def terminate(self):
-            self.code = -15
 
     monkeypatch.setattr(pipeline.subprocess, "Popen", FakeProc)
     with caplog.at_level(logging.WARNING, logger="tgs_salt.run"):
