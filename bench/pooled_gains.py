@@ -132,7 +132,8 @@ LEVERS = [
       *[files(f"cpu_budget_tb20_combo_s{s}_avx2isa.json", f"cpu_budget_tb20_ship69_s{s}_avx2isa.json") for s in (42, 43, 44)],
       *[files(f"cpu_budget_tb26_combo_s{s}_avx2isa.json", f"cpu_budget_tb26_sw32_s{s}_avx2isa.json") for s in (42, 43)],
       *[files(f"cpu_budget_tb20_sw16_s{s}_avx2isa.json", f"cpu_budget_tb16_ship71_s{s}_avx2isa.json") for s in (42, 43, 44)],
-      *[files(f"cpu_budget_tb16_dc32_s{s}_avx2isa.json", f"cpu_budget_tb16_ship72_s{s}_avx2isa.json") for s in (42, 43, 44)]]),
+      *[files(f"cpu_budget_tb16_dc32_s{s}_avx2isa.json", f"cpu_budget_tb16_ship72_s{s}_avx2isa.json") for s in (42, 43, 44)],
+      files("cpu_budget_tb16_ship72_s42_avx2isa.json", "cpu_budget_tb16_ship73_s42_avx2isa.json")]),
 ]
 
 
