@@ -112,6 +112,10 @@ LEVERS = [
     (("the first 75% of the epochs at 64 px instead of 65% (train.low_res_fraction 0.75; AVX2-limited faster EPYC, "
       "16-min budgets: 113 / 113 / 111 epochs against 101 / 97 / 98; same session)"), "not adopted",
      [files(f"cpu_budget_tb16_ship72_s{s}_avx2isa.json", f"cpu_budget_tb16_lrf75_s{s}_avx2isa.json") for s in (42, 43, 44)]),
+    (("learning rate 3e-3 instead of 2e-3 (train.lr; AVX2-limited faster EPYC, 16-min budgets: 102 / 95 / 90 epochs "
+      "against 103 / 93 / 93; same session)"), "adopted",
+     [files("cpu_budget_tb16_ship73_s42_avx2isa.json", "cpu_budget_tb16_lr3_s42_avx2isa.json"),
+      *[files(f"cpu_budget_tb16_ship74_s{s}_avx2isa.json", f"cpu_budget_tb16_lr3_s{s}_avx2isa.json") for s in (43, 44)]]),
     (("ResNet34 instead of ResNet18 where the plan gives ResNet18 >= 150 epochs (native-bf16 EPYC hours: 126-131 "
       "epochs against 193-208)"), "adopted (model.larger_encoder)",
      [files("cpu_budget_h60_s42_real_bf16.json", "cpu_budget_h60_r34_s42_real_bf16.json"),
@@ -133,7 +137,8 @@ LEVERS = [
       *[files(f"cpu_budget_tb26_combo_s{s}_avx2isa.json", f"cpu_budget_tb26_sw32_s{s}_avx2isa.json") for s in (42, 43)],
       *[files(f"cpu_budget_tb20_sw16_s{s}_avx2isa.json", f"cpu_budget_tb16_ship71_s{s}_avx2isa.json") for s in (42, 43, 44)],
       *[files(f"cpu_budget_tb16_dc32_s{s}_avx2isa.json", f"cpu_budget_tb16_ship72_s{s}_avx2isa.json") for s in (42, 43, 44)],
-      files("cpu_budget_tb16_ship72_s42_avx2isa.json", "cpu_budget_tb16_ship73_s42_avx2isa.json")]),
+      files("cpu_budget_tb16_ship72_s42_avx2isa.json", "cpu_budget_tb16_ship73_s42_avx2isa.json"),
+      *[files(f"cpu_budget_tb16_ship72_s{s}_avx2isa.json", f"cpu_budget_tb16_ship74_s{s}_avx2isa.json") for s in (43, 44)]]),
 ]
 
 

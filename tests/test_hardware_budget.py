@@ -979,6 +979,10 @@ def test_larger_encoder_switch_and_planned_config(tmp_path, caplog):
     # cpu_budget's ResNet34 keeps the decoder its hours were measured with; resnet10t trains the narrow one
     assert big["model"]["decoder_channels"] == [64, 32, 16, 8] and narrow["model"]["decoder_channels"] == [32, 16, 16, 8]
     assert B.planned(narrow, {"encoder": "tu-resnet10t"}) is narrow
+    # ... and the learning rate its hours were measured with (resnet10t trains at train.lr)
+    assert big["train"]["lr"] == 2e-3 and narrow["train"]["lr"] == 3e-3
+    own_lr = C.load_config("cpu_budget", ["train.lr=1e-3", "model.larger_encoder_lr=null"])
+    assert B.planned(own_lr, {"encoder": "resnet34"})["train"]["lr"] == 1e-3
     # ... and with model.larger_encoder_decoder_channels when set (null: model.decoder_channels for both)
     wide = C.load_config("cpu_budget", ["model.decoder_channels=[32,16,16,8]",
                                         "model.larger_encoder_decoder_channels=[64,32,16,8]"])
@@ -1008,6 +1012,7 @@ def test_larger_encoder_switch_and_planned_config(tmp_path, caplog):
     (["model.larger_encoder=resnet999"], "model.larger_encoder = 'resnet999' is not an smp encoder"),
     (["model.larger_encoder_min_epochs=0"], "model.larger_encoder_min_epochs"),
     (["model.larger_encoder_decoder_channels=[64,0,16,8]"], "model.larger_encoder_decoder_channels = .* positive"),
+    (["model.larger_encoder_lr=0"], "model.larger_encoder_lr"),
 ])
 def test_larger_encoder_config_errors(sets, msg):
     from tgs_salt import config as C

@@ -147,14 +147,17 @@ def planned(cfg: dict, plan: dict | None) -> dict:
     """``cfg`` as the run's time plan trains and predicts it: the encoder it chose (``model.larger_encoder``,
     see :func:`larger_encoder`) and its test-time views (:func:`planned_views`). A copy when it changes
     anything. ``model.stem_width`` belongs to the configured encoder: the larger one is built without it,
-    and with ``model.larger_encoder_decoder_channels`` when those are set and one per encoder stage (else,
-    with a log line, with ``model.decoder_channels``)."""
+    with ``model.larger_encoder_decoder_channels`` when those are set and one per encoder stage (else,
+    with a log line, with ``model.decoder_channels``), and trained at ``model.larger_encoder_lr`` when
+    set (``train.lr``, which a stage's own ``lr`` still overrides)."""
     enc = (plan or {}).get("encoder")
     if enc and enc != cfg["model"]["encoder"]:
         cfg = copy.deepcopy(cfg)
         m = cfg["model"]
         m["encoder"] = enc
         m["stem_width"] = None
+        if m.get("larger_encoder_lr") is not None:
+            cfg["train"]["lr"] = m["larger_encoder_lr"]
         widths = m.get("larger_encoder_decoder_channels")
         if widths is not None and len(widths) == len(m["decoder_channels"]):
             m["decoder_channels"] = list(widths)

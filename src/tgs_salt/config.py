@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "larger_encoder_min_epochs": 150,  # plan gives that one at least this many epochs per fold (it is probed and
                                         # the plan made again for it: budget.larger_encoder)
         "larger_encoder_decoder_channels": None,  # the larger encoder's decoder widths (null: model.decoder_channels)
+        "larger_encoder_lr": None,      # the learning rate the larger encoder trains at (null: train.lr)
     },
     "input": {
         "channels": ["image", "depth", "row"],
@@ -161,6 +162,7 @@ SCALARS: dict[tuple[str, str], tuple] = {
     ("model", "zero_init_residual"): (bool, None, None, False),
     ("model", "larger_encoder_min_epochs"): (int, 1, 1 << 20, False),
     ("model", "stem_width"): (int, 4, 1024, True),
+    ("model", "larger_encoder_lr"): (float, "(0", 10, True),
     ("input", "resize"): (int, 16, 1024, False),
     ("input", "pad_to"): (int, 16, 1024, False),
     ("augment", "hflip"): (float, 0, 1, False),

@@ -923,10 +923,11 @@ def setup_plan(run_dir: Path, cfg: dict, budget_min: float, rates: dict | None, 
     plan = make(cfg, rates)
     switch = B.larger_encoder(cfg, plan) if probe is not None else None
     if switch:
-        log.info("model.larger_encoder: the plan gives %s %d epochs per fold, at least "
-                 "model.larger_encoder_min_epochs %d: %s is probed and trained instead", switch["from"],
-                 switch["epochs_from"], switch["min_epochs"], switch["to"])
         big = B.planned(cfg, {"encoder": switch["to"]})
+        log.info("model.larger_encoder: the plan gives %s %d epochs per fold, at least "
+                 "model.larger_encoder_min_epochs %d: %s is probed and trained instead (decoder %s, lr %g)",
+                 switch["from"], switch["epochs_from"], switch["min_epochs"], switch["to"],
+                 big["model"]["decoder_channels"], big["train"]["lr"])
         plan = {**make(big, probe(big)), "encoder": switch["to"], "encoder_switch": switch}
     B.write_plan(run_dir, plan)
     log.info(B.describe(plan))
