@@ -1032,7 +1032,7 @@ def test_budgeted_run_probes_and_plans_the_larger_encoder(tmp_path, synth_dir):
 
     model = {"arch": "Unet", "encoder": "resnet18", "encoder_weights": None, "encoder_depth": 3,
              "decoder_channels": [16, 8, 4], "larger_encoder": "resnet34", "larger_encoder_min_epochs": 1,
-             "larger_encoder_decoder_channels": [8, 8, 4]}
+             "larger_encoder_decoder_channels": [8, 8, 4], "larger_encoder_lr": 0.004}
     cfg = tiny_config(tmp_path, model=model, train={"max_train_batches": 2},
                       folds={"k": 3, "seed": 1, "train_folds": [0]})
     run = tmp_path / "run"
@@ -1047,8 +1047,11 @@ def test_budgeted_run_probes_and_plans_the_larger_encoder(tmp_path, synth_dir):
     assert "model.larger_encoder: the plan gives resnet18" in r.stderr and "model.encoder resnet34" in r.stderr
     assert r.stderr.count("probe took") == 2
     user_cfg = C.load_config(str(cfg))
-    built = B.apply_plan(user_cfg, plan)["model"]  # what train_fold builds and saves
+    trained = B.apply_plan(user_cfg, plan)  # what train_fold builds, trains and saves
+    built = trained["model"]
     assert built["encoder"] == "resnet34" and built["decoder_channels"] == [8, 8, 4]
+    assert trained["train"]["lr"] == 0.004 and user_cfg["train"]["lr"] != 0.004
+    assert "resnet34 is probed and trained instead (decoder [8, 8, 4], lr 0.004)" in r.stderr
     read = read_run(run)[0]["model"]  # what CV and prediction read
     assert read["encoder"] == "resnet34" and read["decoder_channels"] == [8, 8, 4]
     assert "model.encoder=resnet34(plan)" in run_row(run)["changed"]  # the `runs` table
